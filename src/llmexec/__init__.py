@@ -1,0 +1,1 @@
+"""llmexec: an LLM inference executor split into gRPC microservices."""

@@ -1,0 +1,77 @@
+from llmexec.v1 import loader_pb2 as _loader_pb2
+from llmexec.v1 import sampling_pb2 as _sampling_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetRunnerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WeightAddress(_message.Message):
+    __slots__ = ("name", "data_ptr", "size_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_PTR_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    data_ptr: int
+    size_bytes: int
+    def __init__(self, name: _Optional[str] = ..., data_ptr: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class GetRunnerInfoResponse(_message.Message):
+    __slots__ = ("model_info", "num_blocks", "block_size", "device", "kv_cache_dtype", "weight_addresses", "pid")
+    MODEL_INFO_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    model_info: _loader_pb2.ModelInfo
+    num_blocks: int
+    block_size: int
+    device: str
+    kv_cache_dtype: str
+    weight_addresses: _containers.RepeatedCompositeFieldContainer[WeightAddress]
+    pid: int
+    def __init__(self, model_info: _Optional[_Union[_loader_pb2.ModelInfo, _Mapping]] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., device: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., weight_addresses: _Optional[_Iterable[_Union[WeightAddress, _Mapping]]] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class SequenceInput(_message.Message):
+    __slots__ = ("query_len", "seq_len", "block_table", "needs_sample", "sampling_params", "output_index")
+    QUERY_LEN_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    query_len: int
+    seq_len: int
+    block_table: _containers.RepeatedScalarFieldContainer[int]
+    needs_sample: bool
+    sampling_params: _sampling_pb2.SamplingParams
+    output_index: int
+    def __init__(self, query_len: _Optional[int] = ..., seq_len: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., needs_sample: _Optional[bool] = ..., sampling_params: _Optional[_Union[_sampling_pb2.SamplingParams, _Mapping]] = ..., output_index: _Optional[int] = ...) -> None: ...
+
+class ExecuteStepRequest(_message.Message):
+    __slots__ = ("input_ids", "positions", "slot_mapping", "sequences")
+    INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_MAPPING_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    input_ids: _containers.RepeatedScalarFieldContainer[int]
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    slot_mapping: _containers.RepeatedScalarFieldContainer[int]
+    sequences: _containers.RepeatedCompositeFieldContainer[SequenceInput]
+    def __init__(self, input_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., sequences: _Optional[_Iterable[_Union[SequenceInput, _Mapping]]] = ...) -> None: ...
+
+class ExecuteStepResponse(_message.Message):
+    __slots__ = ("sampled_token_ids", "execute_seconds")
+    SAMPLED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXECUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    sampled_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    execute_seconds: float
+    def __init__(self, sampled_token_ids: _Optional[_Iterable[int]] = ..., execute_seconds: _Optional[float] = ...) -> None: ...
