@@ -1,0 +1,134 @@
+"""The `llmexec` command: up, status, down, generate."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+import grpc
+
+from llmexec.cli import stack
+from llmexec.cli.generate import build_request, stream
+from llmexec.errors import LLMExecError
+
+
+def add_up_parser(sub) -> None:
+    p = sub.add_parser("up", help="start Redis, loader, runner and scheduler on this machine (CPU)")
+    p.add_argument("--model", default="", help="HF folder or .gguf file (default: the bundled SmolLM2 demo)")
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--redis-url", default="", help="use this Redis instead of starting an embedded one")
+    p.add_argument("--scheduler-port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--loader-port", type=int, default=50052, help="0 picks a free port")
+    p.add_argument("--runner-port", type=int, default=50053, help="0 picks a free port")
+    p.add_argument("--redis-port", type=int, default=0, help="embedded Redis port; 0 picks a free port")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=0, help="KV cache blocks; 0 sizes from --kv-cache-gib")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--timeout", type=float, default=900, help="seconds to wait for every service to serve")
+    p.add_argument("--detach", action="store_true", help="return once serving; stop later with `llmexec down`")
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="stream a completion from the running stack")
+    p.add_argument("prompt")
+    p.add_argument("--address", default="", help="scheduler address (default: the running stack's)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if not args.model:
+        from llmexec.demo_model import demo_model_path
+
+        args.model = str(demo_model_path())
+    opts = vars(args)
+    try:
+        records = stack.up(opts)
+    except RuntimeError as exc:
+        print(f"llmexec up failed: {exc}", file=sys.stderr)
+        stack.down()
+        return 1
+    for line in stack.describe(records):
+        print(line, flush=True)
+    if args.detach:
+        print("detached; stop with `llmexec down`", flush=True)
+        return 0
+    print("serving; press Ctrl-C to stop", flush=True)
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    exit_code = 0
+    while not stop["now"]:
+        time.sleep(0.5)
+        dead = [name for name, rec in records.items() if not rec.alive()]
+        if dead:
+            print(f"{', '.join(dead)} exited unexpectedly; logs in {stack.state_dir() / 'logs'}", file=sys.stderr)
+            exit_code = 1
+            break
+    stopped = stack.down(records)
+    print(f"stopped {', '.join(stopped) or 'nothing'}")
+    return exit_code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    records = stack.load_state()
+    if not records:
+        print("no stack is running (start one with `llmexec up --detach`)")
+        return 1
+    for line in stack.describe(records):
+        print(line)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stopped = stack.down()
+    print(f"stopped {', '.join(stopped) or 'nothing'}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    address = args.address
+    if not address:
+        rec = stack.load_state().get("scheduler")
+        address = rec.address if rec else "127.0.0.1:50051"
+    request = build_request(args.prompt, args.chat, args.max_tokens, args.temperature, args.top_p, args.top_k,
+                            args.seed, args.stop)
+    try:
+        stream(address, request)
+    except grpc.RpcError as exc:
+        print(f"\n{exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmexec", description="LLM inference executor: loader, runner, scheduler")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_up_parser(sub)
+    sub.add_parser("status", help="show each service of the running stack, its address, pid and health")
+    sub.add_parser("down", help="stop a detached stack")
+    add_generate_parser(sub)
+    args = parser.parse_args(argv)
+    handlers = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "generate": cmd_generate}
+    try:
+        return handlers[args.command](args)
+    except LLMExecError as exc:
+        print(f"llmexec {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
