@@ -61,9 +61,9 @@ def test_grpcurl_generate_streams_the_completion(demo_stack, hf_demo):
         message, end = decoder.raw_decode(text)
         messages.append(message)
         text = text[end:].strip()
-    assert messages[0]["requestId"]
-    assert "finishReason" in messages[-1]
-    token_ids = [int(t) for m in messages for t in m.get("tokenIds", [])]
+    assert messages[0]["request_id"]
+    assert messages[-1]["finish_reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_STOP")
+    token_ids = [int(t) for m in messages for t in m.get("token_ids", [])]
     assert 0 < len(token_ids) <= 16
     assert "".join(m.get("text", "") for m in messages) == tokenizer.decode(token_ids, skip_special_tokens=True)
 

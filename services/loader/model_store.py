@@ -74,7 +74,7 @@ class ModelStore:
             if key in self._by_source:
                 return self._models[self._by_source[key]]
             checkpoint = open_checkpoint(source, load_format)
-            model_class_for(checkpoint.architecture)  # fail early, listing the supported names
+            model_class_for(checkpoint.architecture, checkpoint.config)  # fail early, listing the supported names
             model_id = self._unique_id(model_id_for(source))
             log.info("loading %s (%s, %s) as %s", source, checkpoint.load_format, dtype, model_id)
             weights = SharedWeights.create(model_id, checkpoint, DTYPES[dtype])

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from llmexec.errors import InvalidArgumentError, UnavailableError
+from llmexec.errors import UnavailableError
 from llmexec.scheduler.detokenizer import IncrementalDetokenizer
 from llmexec.scheduler.scheduler import Scheduler
 from llmexec.scheduler.sequence import Sequence
@@ -71,16 +71,19 @@ class Engine:
 
     def add(self, seq: Sequence) -> asyncio.Queue:
         """Queue a validated sequence; returns the queue its StreamChunks arrive on."""
-        if seq.request_id in self._outputs:
-            raise InvalidArgumentError(f"request_id {seq.request_id!r} is already in flight; choose another")
+        self.scheduler.add(seq)  # validates: raises before anything else is recorded
         queue: asyncio.Queue = asyncio.Queue()
         self._outputs[seq.request_id] = queue
         if self.tokenizer is not None:
             self._detokenizers[seq.request_id] = IncrementalDetokenizer(
                 self.tokenizer.decode, seq.prompt_token_ids, stop=tuple(seq.sampling_params.stop)
             )
-        self.store.save(seq)
-        self.scheduler.add(seq)
+        try:
+            self.store.save(seq)
+        except Exception:
+            self.scheduler.abort(seq.request_id)
+            self._forget(seq.request_id)
+            raise
         self._work.set()
         return queue
 
@@ -104,14 +107,15 @@ class Engine:
                 await asyncio.sleep(0.005)
                 continue
             try:
-                sampled = await self.execute_step(scheduled.step)
+                sampled = await self.execute_step(scheduled.step_input)
             except Exception as exc:  # the runner failed: fail this step's requests, keep serving
                 log.error("step failed: %s", exc)
-                self._fail(scheduled.seqs, exc)
+                self._fail(scheduled.sequences, exc)
                 continue
             touched = self.scheduler.update(scheduled, sampled)
             self._emit(touched)
-            self.store.save_step(touched)
+            # Preempted sequences lost their blocks; Redis must say so too.
+            self.store.save_step(touched + scheduled.preempted)
 
     def _emit(self, seqs: list[Sequence]) -> None:
         for seq in seqs:

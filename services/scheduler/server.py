@@ -97,7 +97,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             block_size=sched.block_manager.block_size,
             num_blocks=sched.block_manager.num_blocks,
             free_blocks=sched.block_manager.num_free_blocks,
-            running_requests=len(sched.running),
-            waiting_requests=len(sched.waiting),
+            running_requests=sched.num_running,
+            waiting_requests=sched.num_waiting,
             has_tokenizer=self.engine.tokenizer is not None,
         )

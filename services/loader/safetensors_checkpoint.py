@@ -1,0 +1,181 @@
+"""Hugging Face folders: config.json plus one or more safetensors shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from llmexec.errors import CheckpointError
+from llmexec.loader.checkpoint import Checkpoint, TensorSpec
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Files `save_pretrained` writes for a tokenizer (and generation defaults,
+# which carry the stop tokens a chat model needs).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+# Without one of these there is no tokenizer, whatever else is present.
+_TOKENIZER_DEFINING = {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json"}
+
+# safetensors header dtype -> torch dtype.
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    load_format = "safetensors"
+
+    def __init__(self, source: str):
+        super().__init__(source)
+        if not os.path.isdir(source):
+            raise CheckpointError(
+                f"{source} is not a folder; pass the Hugging Face model folder that holds config.json "
+                "and the .safetensors files"
+            )
+        self.config = _read_json(os.path.join(source, "config.json"), what="config.json")
+        # shard file name -> HF names it holds, in file order.
+        self._shards = self._find_shards()
+
+    def _find_shards(self) -> dict[str, list[str]]:
+        index_path = os.path.join(self.source, INDEX_FILE)
+        if os.path.exists(index_path):
+            weight_map = _read_json(index_path, what=INDEX_FILE).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path} has no weight_map; the index is corrupt")
+            shards: dict[str, list[str]] = {}
+            for name, shard in weight_map.items():
+                shards.setdefault(shard, []).append(name)
+            for shard in shards:
+                if not os.path.isfile(os.path.join(self.source, shard)):
+                    raise CheckpointError(
+                        f"{INDEX_FILE} in {self.source} lists shard {shard} (holding e.g. {shards[shard][0]}), "
+                        "but that file is missing; the download is incomplete"
+                    )
+            return shards
+        if os.path.isfile(os.path.join(self.source, SINGLE_FILE)):
+            return {SINGLE_FILE: []}  # [] means "every tensor in the file"
+        found = ", ".join(sorted(os.listdir(self.source))) or "nothing"
+        raise CheckpointError(
+            f"{self.source} has neither {SINGLE_FILE} nor {INDEX_FILE} (found: {found}); "
+            "only safetensors weights are supported"
+        )
+
+    def _read_specs(self) -> list[TensorSpec]:
+        specs = []
+        for shard, names in self._shards.items():
+            path = os.path.join(self.source, shard)
+            header = read_header(path)
+            for name in names or header:
+                if name not in header:
+                    raise CheckpointError(f"{INDEX_FILE} places tensor {name} in {path}, but that file lacks it")
+                specs.append(header[name])
+        return specs
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for shard, names in self._shards.items():
+            path = os.path.join(self.source, shard)
+            header = read_header(path)  # validates truncation before safe_open maps it
+            try:
+                with safe_open(path, framework="pt") as shard_file:
+                    for name in names or header:
+                        yield name, shard_file.get_tensor(name)
+            except SafetensorError as error:
+                raise CheckpointError(f"{path} could not be read: {error}") from error
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        present = {name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(self.source, name))}
+        if not present & _TOKENIZER_DEFINING:
+            return {}
+        files = {}
+        for name in sorted(present):
+            with open(os.path.join(self.source, name), "rb") as file:
+                files[name] = file.read()
+        return files
+
+
+def read_header(path: str) -> dict[str, TensorSpec]:
+    """Parse a safetensors header: HF name -> TensorSpec, in file order.
+
+    Checks what safe_open would only report vaguely, naming the tensor: every
+    shape matches its byte range, and the file is long enough to hold them all
+    (a truncated download is the usual cause).
+    """
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path} is truncated: {file_size} bytes, too short for a safetensors header")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if 8 + header_size > file_size:
+            raise CheckpointError(
+                f"{path} is truncated or not a safetensors file: its header claims {header_size} bytes, "
+                f"the file has {file_size}"
+            )
+        try:
+            header = json.loads(file.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path} has a corrupt safetensors header: {error}") from error
+    data_size = file_size - 8 - header_size
+    specs = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
+        shape = tuple(int(size) for size in entry["shape"])
+        begin, end = entry["data_offsets"]
+        numel = 1
+        for size in shape:
+            numel *= size
+        if end - begin != numel * dtype.itemsize:
+            raise CheckpointError(
+                f"{path}: tensor {name} declares shape {list(shape)} ({entry['dtype']}) but spans "
+                f"{end - begin} bytes; the header is corrupt"
+            )
+        if end > data_size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name} ends at byte {end} of the data section, "
+                f"which holds only {data_size} bytes; download the file again"
+            )
+        specs[name] = TensorSpec(name, shape, dtype, entry["dtype"])
+    return specs
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; a Hugging Face model folder needs {what}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error

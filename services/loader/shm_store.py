@@ -1,0 +1,181 @@
+"""The loader's copy of a model's weights, in one shared-memory file.
+
+Runners map the same file (llmexec.runner.weight_attach), so N runners on a
+host cost one copy of the weights. Tensors are streamed into the mapping one at
+a time, so loading never holds the model twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import tempfile
+
+import torch
+
+from llmexec.errors import CheckpointError, ResourceExhaustedError
+from llmexec.loader.checkpoint import Checkpoint, TensorSpec
+from llmexec.weight_layout import TensorLocation, WeightLayout, WeightSegment
+
+# tmpfs: pages live in RAM and any process on the host (or pod, with an
+# in-memory emptyDir) can map them by path.
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+# Cache-line alignment; also a multiple of every dtype's size, so each
+# offset can be viewed as that dtype.
+ALIGNMENT = 64
+
+
+class SharedWeights:
+    """A model's tensors as views into one shared-memory file the loader owns."""
+
+    def __init__(self, layout: WeightLayout, tensors: dict[str, torch.Tensor]):
+        self.layout = layout
+        self.tensors = tensors
+        self._closed = False
+
+    @classmethod
+    def create(cls, model_id: str, checkpoint: Checkpoint, dtype: torch.dtype | None = None) -> SharedWeights:
+        """Copy `checkpoint`'s tensors into a new file under /dev/shm.
+
+        Floating tensors are cast to `dtype` when given; otherwise each keeps
+        the dtype `iter_tensors` yields (float32 for GGUF). Raises
+        CheckpointError when a streamed tensor's name or shape disagrees with
+        `tensor_specs()` or a listed tensor never arrives, ResourceExhaustedError
+        when /dev/shm is too small; either way no file is left behind.
+        """
+        specs = checkpoint.tensor_specs()
+        if not specs:
+            raise CheckpointError(f"{checkpoint.source} holds no tensors")
+        path = os.path.join(SHM_DIR, f"llmexec-{_file_safe(model_id)}-{secrets.token_hex(4)}")
+        locations, size = plan_layout(specs, dtype)
+        layout = WeightLayout(segments=[WeightSegment(path, size)], tensors=locations)
+        try:
+            _reserve(path, size)
+            buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+            tensors = {location.name: _view(buffer, location) for location in locations}
+            _stream(checkpoint, tensors)
+        except BaseException:
+            # Also on KeyboardInterrupt: a half-filled file would hold RAM until reboot.
+            _unlink(path)
+            raise
+        return cls(layout, tensors)
+
+    @property
+    def path(self) -> str:
+        return self.layout.segments[0].path
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(_numel(location.shape) for location in self.layout.tensors)
+
+    @property
+    def bytes_by_dtype(self) -> dict[str, int]:
+        """Bytes of tensor data per dtype name, alignment padding excluded."""
+        totals: dict[str, int] = {}
+        for location in self.layout.tensors:
+            nbytes = _numel(location.shape) * getattr(torch, location.dtype).itemsize
+            totals[location.dtype] = totals.get(location.dtype, 0) + nbytes
+        return totals
+
+    def close(self) -> None:
+        """Unlink the file. Mappings still open (ours, runners') stay valid
+        until dropped; the RAM is freed when the last one goes. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            _unlink(self.path)
+
+    def __enter__(self) -> SharedWeights:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def plan_layout(specs: list[TensorSpec], dtype: torch.dtype | None) -> tuple[list[TensorLocation], int]:
+    """Place each tensor at the next ALIGNMENT boundary of segment 0.
+
+    Returns the locations, in spec order, and the segment size in bytes.
+    """
+    locations = []
+    offset = 0
+    for spec in specs:
+        target = dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype
+        offset = -(-offset // ALIGNMENT) * ALIGNMENT
+        locations.append(TensorLocation(spec.name, dtype_name(target), spec.shape, 0, offset))
+        offset += _numel(spec.shape) * target.itemsize
+    return locations, max(offset, 1)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _reserve(path: str, size: int) -> None:
+    # O_EXCL: never adopt a file some other process made with our name.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        # Allocate now: writing into a sparse tmpfs mapping that runs out of
+        # space kills the process with SIGBUS instead of raising.
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:  # macOS: no way to reserve, only to size
+            os.ftruncate(fd, size)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise ResourceExhaustedError(
+                f"{SHM_DIR} has no room for {size / 2**30:.2f} GiB of weights ({path}); "
+                "enlarge it (e.g. a bigger in-memory emptyDir) or load in a smaller dtype"
+            ) from error
+        raise
+    finally:
+        os.close(fd)
+
+
+def _view(buffer: torch.Tensor, location: TensorLocation) -> torch.Tensor:
+    """`location`'s tensor as a view of the flat uint8 `buffer`."""
+    dtype = getattr(torch, location.dtype)
+    nbytes = _numel(location.shape) * dtype.itemsize
+    window = buffer[location.offset_bytes : location.offset_bytes + nbytes]
+    return window.view(dtype).view(location.shape)
+
+
+def _stream(checkpoint: Checkpoint, targets: dict[str, torch.Tensor]) -> None:
+    """Copy each streamed tensor into its view, casting; check name and shape."""
+    filled = set()
+    for name, tensor in checkpoint.iter_tensors():
+        target = targets.get(name)
+        if target is None:
+            raise CheckpointError(f"{checkpoint.source}: tensor {name} was read but is not in its tensor list")
+        if name in filled:
+            raise CheckpointError(f"{checkpoint.source}: tensor {name} appears twice")
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{checkpoint.source}: tensor {name} has shape {list(tensor.shape)} "
+                f"but its header says {list(target.shape)}; the file is corrupt or changed while loading"
+            )
+        target.copy_(tensor)
+        filled.add(name)
+    missing = [name for name in targets if name not in filled]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise CheckpointError(f"{checkpoint.source}: tensors listed but never read: {shown}")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _file_safe(model_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:64] or "model"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
