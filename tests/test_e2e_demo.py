@@ -68,3 +68,13 @@ def test_france_answer_and_plain_prompt_tokenized_like_hf(demo_stack, hf_demo):
     )
     got = [t for r in stream_generate(demo_stack.scheduler, request) for t in r.token_ids]
     assert got == hf_greedy(model, tokenizer(prompt)["input_ids"], 12)
+
+
+def test_stop_string_ends_the_stream_without_the_stop_text(demo_stack, hf_demo):
+    model, tokenizer = hf_demo
+    request = chat_request("What is the capital of France?")
+    request.sampling_params.stop.append("France is")
+    stream = stream_generate(demo_stack.scheduler, request)
+    text = "".join(r.text for r in stream)
+    assert stream[-1].finish_reason == scheduler_pb2.FINISH_REASON_STOP
+    assert text == "The capital of "
