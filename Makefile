@@ -22,4 +22,6 @@ down:
 
 test: install
 	npm install --no-save --silent @bufbuild/buf@$(BUF_VERSION)
+	# triton (~1 GB): tests/test_triton_kernels.py runs the kernels in its CPU interpreter.
+	$(PYTHON) -m pip install -e ".[gpu]"
 	$(PYTHON) -m pytest

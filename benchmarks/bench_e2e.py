@@ -23,11 +23,21 @@ import grpc
 from llmexec.v1 import sampling_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 PROMPTS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Explain recursion to a child.",
-    "List three primary colors.", "How many legs does a spider have?", "Translate 'good morning' into Spanish.",
-    "What is photosynthesis?", "Give me a tip for learning to cook.", "Why is the sky blue?",
-    "Name the planets of the solar system.", "What does a compiler do?", "Suggest a name for a cat.",
-    "How do airplanes fly?", "What is the boiling point of water?", "Describe a rainbow.",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain recursion to a child.",
+    "List three primary colors.",
+    "How many legs does a spider have?",
+    "Translate 'good morning' into Spanish.",
+    "What is photosynthesis?",
+    "Give me a tip for learning to cook.",
+    "Why is the sky blue?",
+    "Name the planets of the solar system.",
+    "What does a compiler do?",
+    "Suggest a name for a cat.",
+    "How do airplanes fly?",
+    "What is the boiling point of water?",
+    "Describe a rainbow.",
     "Who wrote Romeo and Juliet?",
 ]
 
@@ -61,10 +71,13 @@ def run_transformers(prompts: list[str], max_tokens: int, model_path: Path, repe
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name,
-                                                 dtype=torch.float32).eval()
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in prompts]
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32
+    ).eval()
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
     eos = model.generation_config.eos_token_id
     with torch.inference_mode():
         start, tokens = time.perf_counter(), 0
@@ -81,11 +94,13 @@ def run_transformers(prompts: list[str], max_tokens: int, model_path: Path, repe
         for _ in range(repeats):
             start = time.perf_counter()
             out = model.generate(**batch, max_new_tokens=max_tokens, do_sample=False)
-            new = out[:, batch["input_ids"].shape[1]:]
+            new = out[:, batch["input_ids"].shape[1] :]
             # Count each row's tokens up to and including its first EOS, as a server would stream.
             useful = 0
             for row in new.tolist():
-                useful += next((i + 1 for i, t in enumerate(row) if t == eos or (isinstance(eos, list) and t in eos)), len(row))
+                useful += next(
+                    (i + 1 for i, t in enumerate(row) if t == eos or (isinstance(eos, list) and t in eos)), len(row)
+                )
             rates.append(useful / (time.perf_counter() - start))
     return {"sequential_tok_s": sequential, "batched_tok_s": statistics.median(rates)}
 
@@ -109,8 +124,12 @@ def main() -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from stack_fixture import start_stack
 
-        stack = start_stack(Path(tempfile.mkdtemp(prefix="llmexec-bench-")), str(model_path),
-                            "--max-num-seqs", str(max(args.concurrency, 1)))
+        stack = start_stack(
+            Path(tempfile.mkdtemp(prefix="llmexec-bench-")),
+            str(model_path),
+            "--max-num-seqs",
+            str(max(args.concurrency, 1)),
+        )
         address = stack.scheduler
     try:
         asyncio.run(run_ours(address, prompts[:2], 4))  # warm-up
@@ -118,17 +137,25 @@ def main() -> int:
     finally:
         if stack is not None:
             stack.down()
-    ours = {"tok_s": statistics.median(r["tok_s"] for r in runs),
-            "ttft_median": statistics.median(r["ttft_median"] for r in runs)}
-    print(f"llmexec   {args.concurrency} concurrent, {args.max_tokens} new tokens max: "
-          f"{ours['tok_s']:.1f} output tok/s (median of {args.repeats}), median TTFT {ours['ttft_median'] * 1000:.0f} ms")
+    ours = {
+        "tok_s": statistics.median(r["tok_s"] for r in runs),
+        "ttft_median": statistics.median(r["ttft_median"] for r in runs),
+    }
+    print(
+        f"llmexec   {args.concurrency} concurrent, {args.max_tokens} new tokens max: "
+        f"{ours['tok_s']:.1f} output tok/s (median of {args.repeats}), median TTFT {ours['ttft_median'] * 1000:.0f} ms"
+    )
     if args.skip_transformers:
         return 0
     hf = run_transformers(prompts, args.max_tokens, model_path, args.repeats)
-    print(f"transformers one at a time: {hf['sequential_tok_s']:.1f} tok/s;  batched (padded): "
-          f"{hf['batched_tok_s']:.1f} tok/s (median of {args.repeats})")
-    print(f"ratio llmexec / transformers sequential: {ours['tok_s'] / hf['sequential_tok_s']:.2f}x;  "
-          f"llmexec / transformers batched: {ours['tok_s'] / hf['batched_tok_s']:.2f}x")
+    print(
+        f"transformers one at a time: {hf['sequential_tok_s']:.1f} tok/s;  batched (padded): "
+        f"{hf['batched_tok_s']:.1f} tok/s (median of {args.repeats})"
+    )
+    print(
+        f"ratio llmexec / transformers sequential: {ours['tok_s'] / hf['sequential_tok_s']:.2f}x;  "
+        f"llmexec / transformers batched: {ours['tok_s'] / hf['batched_tok_s']:.2f}x"
+    )
     return 0
 
 

@@ -40,6 +40,8 @@ def paged_attention(
     v_cache: torch.Tensor,
     metadata,
     scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention over a flattened variable-length batch, keys read from the paged cache.
 
@@ -49,7 +51,13 @@ def paged_attention(
         step's keys and values (call reshape_and_cache first).
     metadata: an llmexec.models.attention.AttentionMetadata; this function reads its
         decode_query_rows [D], decode_block_tables [D, N], decode_key_mask [D, 1, 1, N * block_size]
-        and prefill_spans (query_start, query_end, seq_len, block_ids, attn_mask [Q, S] or None).
+        and prefill_spans (query_start, query_end, seq_len, block_ids, attn_mask [Q, S] or None);
+        with alibi_slopes or sliding_window also decode_seq_lens [D].
+    alibi_slopes: [heads] float32 or None. ALiBi adds slope * (key_pos - query_pos) to each
+        head's scores before the softmax (a penalty growing with distance; BLOOM's only
+        position signal).
+    sliding_window: W or None. A query at position p sees only keys at positions (p - W, p]
+        (Mistral; transformers' sliding_window_overlay); the cache still holds every key.
     Returns [T, heads, head_dim] in query's dtype.
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -65,7 +73,16 @@ def paged_attention(
         q = query[rows].view(num_decodes, num_kv_heads, group, head_dim)
         k = _gather_blocks(k_cache, metadata.decode_block_tables).to(query.dtype).transpose(1, 2)  # [D, kv, L, hd]
         v = _gather_blocks(v_cache, metadata.decode_block_tables).to(query.dtype).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=metadata.decode_key_mask, scale=scale)
+        mask = metadata.decode_key_mask
+        if sliding_window is not None:
+            in_window = _key_distance(metadata.decode_seq_lens - 1, mask.shape[-1]) > -sliding_window  # [D, L]
+            mask = mask & in_window.view(mask.shape)
+        if alibi_slopes is not None:
+            # [D, 1, 1, L] -> [D, kv_heads, group, L]: the "query length" axis is the head group.
+            distance = _key_distance(metadata.decode_seq_lens - 1, mask.shape[-1])[:, None, :]  # [D, 1, L]
+            mask = _alibi_bias(alibi_slopes, distance, mask.view(num_decodes, 1, -1), query.dtype)
+            mask = mask.view(num_decodes, num_kv_heads, group, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         output[rows] = out.reshape(num_decodes, num_heads, head_dim)
 
     for span in metadata.prefill_spans:
@@ -77,12 +94,36 @@ def paged_attention(
         v = _gather_blocks(v_cache, span.block_ids)[:seq_len].to(query.dtype).transpose(0, 1).unsqueeze(1)
         k = k.expand(num_kv_heads, group, seq_len, head_dim)
         v = v.expand(num_kv_heads, group, seq_len, head_dim)
-        if span.attn_mask is None:  # no earlier context: plain top-left causal mask
+        attn_mask = span.attn_mask
+        if sliding_window is not None and seq_len > sliding_window:  # else every key is inside the window
+            distance = _key_distance(torch.arange(seq_len - query_len, seq_len, device=query.device), seq_len)
+            attn_mask = (distance <= 0) & (distance > -sliding_window)  # [Q, S]
+        if alibi_slopes is not None:
+            query_positions = torch.arange(seq_len - query_len, seq_len, device=query.device)
+            distance = _key_distance(query_positions, seq_len)  # [Q, S]
+            allowed = distance <= 0 if attn_mask is None else attn_mask
+            bias = _alibi_bias(alibi_slopes, distance[None], allowed[None], query.dtype)  # [heads, Q, S]
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias.view(num_kv_heads, group, query_len, seq_len), scale=scale
+            )
+        elif attn_mask is None:  # no earlier context: plain top-left causal mask
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=span.attn_mask, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
         output[span.query_start : span.query_end] = out.permute(2, 0, 1, 3).reshape(query_len, num_heads, head_dim)
     return output
+
+
+def _key_distance(query_positions: torch.Tensor, key_len: int) -> torch.Tensor:
+    """query_positions [...] -> key_pos - query_pos [..., key_len] (float32; <= 0 for keys at or before the query)."""
+    key_positions = torch.arange(key_len, device=query_positions.device, dtype=torch.float32)
+    return key_positions - query_positions[..., None].float()
+
+
+def _alibi_bias(slopes: torch.Tensor, distance: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """slopes [H], distance and allowed [B, Q, L] -> additive mask [B, H, Q, L] in dtype, -inf where not allowed."""
+    bias = slopes.float()[None, :, None, None] * distance[:, None]
+    return bias.masked_fill(~allowed[:, None], float("-inf")).to(dtype)
 
 
 def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from functools import lru_cache
 
 import pytest
@@ -15,8 +14,20 @@ from llmexec.models.registry import model_class_for, supported_architectures
 from llmexec.runner.model_runner import ModelRunner, num_blocks_for_memory
 from llmexec.runner.sampler import sample
 from llmexec.sampling_params import SamplingParams
-from llmexec.step import SequenceInput, StepInput
+from llmexec.step import SequenceInput
 
+from paged_harness import (
+    GREEDY,
+    NUM_BLOCKS,
+    Sequence,
+    assert_close_relative,
+    check_mixed_batch,
+    check_prefill_then_decode,
+    fused_weights,
+    make_step,
+    random_prompt,
+    shuffled_blocks,
+)
 from tiny_models import TINY_LLAMA as TINY
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -26,8 +37,6 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,  # small, so the test positions cross every band
 }
-GREEDY = SamplingParams(temperature=0.0)
-NUM_BLOCKS = 128
 
 
 @lru_cache(maxsize=None)
@@ -43,9 +52,11 @@ def hf_model(variant: str = "llama"):
 
 
 def make_runner(variant: str = "llama", block_size: int = 16, weights=None) -> ModelRunner:
+    """weights: as the loader lays them out (fused); default: the variant's own, fused."""
     model = hf_model(variant)
-    weights = model.state_dict() if weights is None else weights
-    return ModelRunner(model.config.to_dict(), weights, num_blocks=NUM_BLOCKS, block_size=block_size)
+    config = model.config.to_dict()
+    weights = fused_weights(config, model.state_dict()) if weights is None else weights
+    return ModelRunner(config, weights, num_blocks=NUM_BLOCKS, block_size=block_size)
 
 
 @torch.no_grad()
@@ -53,106 +64,25 @@ def hf_last_logits(variant: str, token_ids: list[int]) -> torch.Tensor:
     return hf_model(variant)(torch.tensor([token_ids])).logits[0, -1]
 
 
-def assert_close_relative(ours: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4) -> None:
-    error = (ours - ref).abs().max().item()
-    assert error <= rtol * ref.abs().max().item(), f"max abs error {error} vs max |ref| {ref.abs().max().item()}"
-
-
-class Sequence:
-    """What the scheduler tracks for one request: its tokens, how many are cached, its blocks."""
-
-    def __init__(self, token_ids, free_blocks: list[int], block_size: int, params=GREEDY) -> None:
-        self.token_ids = list(token_ids)
-        self.num_prompt = len(self.token_ids)
-        self.num_cached = 0
-        self.block_table: list[int] = []
-        self.free_blocks = free_blocks
-        self.block_size = block_size
-        self.params = params
-
-    def chunk(self, query_len: int | None = None) -> tuple[SequenceInput, list[int], list[int], list[int]]:
-        """The next query_len uncached tokens (default: all): (SequenceInput, ids, positions, slots)."""
-        start = self.num_cached
-        end = len(self.token_ids) if query_len is None else start + query_len
-        while len(self.block_table) * self.block_size < end:
-            self.block_table.append(self.free_blocks.pop())
-        positions = list(range(start, end))
-        slots = [self.block_table[p // self.block_size] * self.block_size + p % self.block_size for p in positions]
-        self.num_cached = end
-        seq = SequenceInput(
-            query_len=end - start,
-            seq_len=end,
-            block_table=list(self.block_table),
-            needs_sample=end == len(self.token_ids),
-            sampling_params=self.params,
-            output_index=len(self.token_ids) - self.num_prompt,
-        )
-        return seq, self.token_ids[start:end], positions, slots
-
-
-def make_step(chunks) -> StepInput:
-    step = StepInput(input_ids=[], positions=[], slot_mapping=[], sequences=[])
-    for seq, ids, positions, slots in chunks:
-        step.sequences.append(seq)
-        step.input_ids += ids
-        step.positions += positions
-        step.slot_mapping += slots
-    return step
-
-
-def shuffled_blocks(seed: int = 0) -> list[int]:
-    blocks = list(range(NUM_BLOCKS))
-    random.Random(seed).shuffle(blocks)
-    return blocks
-
-
 def prompt(length: int, seed: int) -> list[int]:
-    return torch.randint(0, TINY["vocab_size"], (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return random_prompt(length, seed, TINY["vocab_size"])
 
 
 @pytest.mark.parametrize("variant", ["llama", "llama3_rope", "mistral", "tied"])
 def test_prefill_then_decode_matches_transformers(variant):
-    runner = make_runner(variant)
-    seq = Sequence(prompt(12, seed=1), shuffled_blocks(), runner.block_size)
-    for _ in range(25):  # the prefill, then 24 decode steps
-        step = make_step([seq.chunk()])
-        logits = runner.execute_logits(step)
-        ref = hf_last_logits(variant, seq.token_ids)
-        assert_close_relative(logits[0], ref)
-        # Re-running a step rewrites the same slots with the same K/V, so this is safe.
-        token = runner.execute(step)[0]
-        assert token == ref.argmax().item()
-        seq.token_ids.append(token)
+    check_prefill_then_decode(make_runner(variant), lambda ids: hf_last_logits(variant, ids), prompt(12, seed=1))
 
 
 @pytest.mark.parametrize("block_size", [1, 5, 16])
 def test_mixed_prefill_and_decode_batch_matches_transformers(block_size):
-    runner = make_runner(block_size=block_size)
-    free_blocks = shuffled_blocks(seed=block_size)
-    a, b, c, d = (Sequence(prompt(n, seed=n), free_blocks, block_size) for n in (9, 21, 14, 5))
-
-    def run(step, sequences):
-        logits = runner.execute_logits(step)
-        assert logits.shape == (len(sequences), TINY["vocab_size"])
-        tokens = runner.execute(step)
-        for seq, row, token in zip(sequences, logits, tokens):
-            ref = hf_last_logits("llama", seq.token_ids)
-            assert_close_relative(row, ref)
-            assert token == ref.argmax().item()
-            seq.token_ids.append(token)
-
-    run(make_step([a.chunk(), b.chunk()]), [a, b])
-    # Two sequences decode while two prefill; c's prompt is split into two chunks.
-    c_first = c.chunk(8)
-    assert not c_first[0].needs_sample
-    run(make_step([a.chunk(), c_first, b.chunk(), d.chunk()]), [a, b, d])
-    run(make_step([a.chunk(), b.chunk(), c.chunk(), d.chunk()]), [a, b, c, d])  # c's chunk has earlier context
-    for _ in range(4):
-        run(make_step([s.chunk() for s in (d, c, b, a)]), [d, c, b, a])
+    check_mixed_batch(make_runner(block_size=block_size), lambda ids: hf_last_logits("llama", ids), TINY["vocab_size"])
 
 
 def test_parameters_share_storage_with_the_given_weights():
-    weights = hf_model().state_dict()
+    state_dict = hf_model().state_dict()
+    weights = fused_weights(hf_model().config.to_dict(), state_dict)
+    assert weights["model.norm.weight"] is state_dict["model.norm.weight"]  # unfused tensors pass through
+    assert "model.layers.0.self_attn.qkv_proj.weight" in weights
     runner = make_runner(weights=weights)
     params = dict(runner.model.named_parameters())
     assert params.keys() == weights.keys()
@@ -165,22 +95,23 @@ def test_tied_embeddings_with_or_without_lm_head_in_the_checkpoint():
     without_lm_head = {k: v for k, v in weights.items() if k != "lm_head.weight"}
     seq_ids = prompt(7, seed=3)
     ref = hf_last_logits("tied", seq_ids)
+    config = hf_model("tied").config.to_dict()
     for given in (weights, without_lm_head):
-        runner = make_runner("tied", weights=given)
+        runner = make_runner("tied", weights=fused_weights(config, given))
         assert runner.model.lm_head is None
         seq = Sequence(seq_ids, shuffled_blocks(), runner.block_size)
         assert_close_relative(runner.execute_logits(make_step([seq.chunk()]))[0], ref)
 
 
 def test_checkpoint_mismatches_raise_checkpoint_error():
-    weights = dict(hf_model().state_dict())
-    missing = {k: v for k, v in weights.items() if k != "model.layers.1.mlp.up_proj.weight"}
-    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
+    weights = fused_weights(hf_model().config.to_dict(), hf_model().state_dict())
+    missing = {k: v for k, v in weights.items() if k != "model.layers.1.mlp.gate_up_proj.weight"}
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.gate_up_proj.weight"):
         make_runner(weights=missing)
     with pytest.raises(CheckpointError, match="model.layers.7.extra"):
         make_runner(weights={**weights, "model.layers.7.extra": torch.zeros(1)})
-    wrong_shape = {**weights, "model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 64)}
-    with pytest.raises(CheckpointError, match=r"k_proj.weight.*\(64, 64\).*\(32, 64\)"):
+    wrong_shape = {**weights, "model.layers.0.self_attn.qkv_proj.weight": torch.zeros(64, 64)}
+    with pytest.raises(CheckpointError, match=r"qkv_proj.weight.*\(64, 64\).*\(128, 64\)"):
         make_runner(weights=wrong_shape)
     wrong_dtype = {**weights, "model.norm.weight": weights["model.norm.weight"].double()}
     with pytest.raises(CheckpointError, match="model.norm.weight"):
@@ -254,14 +185,17 @@ def test_sampler_follows_the_distribution_and_respects_top_k_and_top_p():
     assert set(nucleus) == {0, 1}
 
 
-def test_registry_names_supported_architectures_and_refuses_sliding_window():
+def test_registry_names_supported_architectures_and_checks_configs():
     assert {"LlamaForCausalLM", "MistralForCausalLM"} <= set(supported_architectures())
     with pytest.raises(UnsupportedArchitectureError, match="LlamaForCausalLM"):
-        model_class_for("GPTNeoXForCausalLM")
-    mistral = {"max_position_embeddings": 32768}
-    with pytest.raises(UnsupportedArchitectureError, match="sliding"):
-        model_class_for("MistralForCausalLM", {**mistral, "sliding_window": 4096})
-    assert model_class_for("MistralForCausalLM", {**mistral, "sliding_window": None}).__name__ == "LlamaForCausalLM"
+        model_class_for("T5ForConditionalGeneration")
+    mistral = {"max_position_embeddings": 32768, "sliding_window": 4096}
+    assert model_class_for("MistralForCausalLM", mistral).__name__ == "LlamaForCausalLM"
+    longrope = {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0]}}
+    with pytest.raises(UnsupportedArchitectureError, match="longrope"):
+        model_class_for("Phi3ForCausalLM", longrope)
+    with pytest.raises(UnsupportedArchitectureError, match="gelu"):
+        model_class_for("LlamaForCausalLM", {"hidden_act": "gelu"})
 
 
 def test_old_style_rope_config_reads_like_rope_parameters():

@@ -13,8 +13,9 @@ HEAD_DIM = 8
 NUM_BLOCKS = 160
 
 
-def dense_causal_attention(query, key, value, scale):
-    """query [Q, H, D] at the last Q positions of key/value [S, KV, D] -> [Q, H, D]."""
+def dense_causal_attention(query, key, value, scale, sliding_window=None):
+    """query [Q, H, D] at the last Q positions of key/value [S, KV, D] -> [Q, H, D];
+    with sliding_window W, a query at position p sees keys (p - W, p] only."""
     query_len, num_heads, _ = query.shape
     seq_len, num_kv_heads, _ = key.shape
     key = key.repeat_interleave(num_heads // num_kv_heads, dim=1)
@@ -22,10 +23,12 @@ def dense_causal_attention(query, key, value, scale):
     scores = torch.einsum("qhd,khd->hqk", query, key) * scale
     query_positions = torch.arange(seq_len - query_len, seq_len)[:, None]
     scores = scores.masked_fill(torch.arange(seq_len)[None, :] > query_positions, float("-inf"))
+    if sliding_window is not None:
+        scores = scores.masked_fill(torch.arange(seq_len)[None, :] <= query_positions - sliding_window, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), value)
 
 
-def run_case(seq_shapes, block_size, num_heads, num_kv_heads, seed=0):
+def run_case(seq_shapes, block_size, num_heads, num_kv_heads, seed=0, sliding_window=None):
     """seq_shapes: (query_len, seq_len) per sequence. Returns (paged output, dense output)."""
     gen = torch.Generator().manual_seed(seed)
     free_blocks = torch.randperm(NUM_BLOCKS, generator=gen).tolist()  # shuffled: tables are not contiguous
@@ -52,13 +55,13 @@ def run_case(seq_shapes, block_size, num_heads, num_kv_heads, seed=0):
         keys.append(key[context:])
         values.append(value[context:])
         slot_mapping += slots[context:]
-        expected.append(dense_causal_attention(query, key, value, scale))
+        expected.append(dense_causal_attention(query, key, value, scale, sliding_window))
 
     num_tokens = len(slot_mapping)
     step = StepInput([0] * num_tokens, [0] * num_tokens, slot_mapping, sequences)
     metadata = AttentionMetadata.build(step, block_size, "cpu")
     reshape_and_cache(torch.cat(keys), torch.cat(values), k_cache, v_cache, metadata.slot_mapping)
-    output = paged_attention(torch.cat(queries), k_cache, v_cache, metadata, scale)
+    output = paged_attention(torch.cat(queries), k_cache, v_cache, metadata, scale, sliding_window=sliding_window)
     return output, torch.cat(expected)
 
 
@@ -84,6 +87,15 @@ def test_mixed_prefill_and_decode_match_dense(block_size, num_heads, num_kv_head
 def test_decode_only_and_prefill_only_batches(seq_shapes):
     output, expected = run_case(seq_shapes, block_size=5, num_heads=6, num_kv_heads=3, seed=1)
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sliding_window", [1, 4, 13])
+def test_sliding_window_matches_dense(sliding_window):
+    # MIXED has decodes and prefills shorter and longer than each window, with and without context.
+    output, expected = run_case(MIXED, 5, 8, 2, seed=2, sliding_window=sliding_window)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    unwindowed, _ = run_case(MIXED, 5, 8, 2, seed=2)
+    assert not torch.allclose(output, unwindowed)  # the window did cut keys
 
 
 def test_reshape_and_cache_writes_slots_and_skips_negative_ones():

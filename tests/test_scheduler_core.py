@@ -2,10 +2,11 @@
 
 FakeRunner plays the model: it writes every query token into a KV "cache" at
 its slot, then computes the next token from what it reads back through the
-sequence's block table. A wrong slot, a block shared by two live sequences or
-a stale block after preemption changes the tokens, so comparing each request's
-output with `reference` (the same function on the plain token list) checks
-the scheduler end to end.
+sequence's block table. A wrong slot, a block wrongly shared by two live
+sequences, a prefix-cache hit on a block holding other tokens or a stale block
+after preemption changes the tokens, so comparing each request's output with
+`reference` (the same function on the plain token list) checks the scheduler
+end to end.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 
-from llmexec.errors import InvalidArgumentError
+from llmexec.errors import InvalidArgumentError, ResourceExhaustedError
 from llmexec.sampling_params import SamplingParams
 from llmexec.scheduler.block_manager import BlockManager
 from llmexec.scheduler.scheduler import Scheduler
@@ -60,8 +61,8 @@ class FakeRunner:
                 assert step.slot_mapping[r] == self.slot(s.block_table, step.positions[r])
                 self.kv[step.slot_mapping[r]] = step.input_ids[r]
             row += s.query_len
-            assert s.needs_sample
-            sampled.append(next_token([self.kv[self.slot(s.block_table, p)] for p in range(s.seq_len)]))
+            if s.needs_sample:
+                sampled.append(next_token([self.kv[self.slot(s.block_table, p)] for p in range(s.seq_len)]))
         return sampled
 
 
@@ -132,9 +133,12 @@ def test_staggered_requests_match_reference(block_size):
     assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_blocks
 
 
-def test_preemption_by_recompute_then_completion():
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preemption_by_recompute_then_completion(prefix_caching):
     # 10 blocks of 4 slots; four requests each growing to 17-22 tokens (5-6 blocks).
-    scheduler, runner = make_scheduler(num_blocks=10, block_size=4, max_model_len=40), FakeRunner(4)
+    scheduler = Scheduler(BlockManager(10, 4, enable_prefix_caching=prefix_caching), max_model_len=40,
+                          eos_token_ids={EOS})
+    runner = FakeRunner(4)
     seqs = [make_seq(f"r{i}", n, 15) for i, n in enumerate((7, 2, 5, 4))]
     for seq in seqs:
         scheduler.add(seq)
@@ -158,10 +162,13 @@ def test_preemption_by_recompute_then_completion():
 
     # The recompute: a later step prefills the victim's prompt and outputs so far.
     victim, num_tokens, num_outputs = preempted_seen[0]
-    recomputes = [
-        s for step in runner.steps for s in step.sequences if s.query_len == num_tokens and s.seq_len == num_tokens
-    ]
-    assert any(s.output_index == num_outputs for s in recomputes)
+    # Without prefix caching every token is computed again; with it, the victim's
+    # full blocks may still be cached and only the rest is computed.
+    recomputes = [s for step in runner.steps for s in step.sequences if s.seq_len == num_tokens and s.needs_sample
+                  and s.output_index == num_outputs and s.query_len > 1]
+    assert recomputes
+    if not prefix_caching:
+        assert recomputes[0].query_len == num_tokens
 
 
 def test_preemption_takes_the_newest_running_sequence():
@@ -185,27 +192,44 @@ def test_token_budget_and_max_num_seqs():
     for rid in "abc":
         scheduler.add(make_seq(rid, 10, max_tokens=3))
     step, _ = run_step(scheduler, runner)
-    assert [s.request_id for s in step.sequences] == ["a"]  # b would make 20 tokens
+    # a whole, and the first 6 tokens of b: one budget, no sample for b yet
+    assert [(s.request_id, q.query_len, q.needs_sample) for s, q in zip(step.sequences, step.step_input.sequences)] \
+        == [("a", 10, True), ("b", 6, False)]
     step, _ = run_step(scheduler, runner)
-    assert [s.request_id for s in step.sequences] == ["a", "b"] and step.num_tokens == 11
+    assert [(s.request_id, q.query_len) for s, q in zip(step.sequences, step.step_input.sequences)] \
+        == [("a", 1), ("b", 4)]
+    assert scheduler.num_waiting == 1  # c waits: max_num_seqs
     step, _ = run_step(scheduler, runner)
-    assert [s.request_id for s in step.sequences] == ["a", "b"]  # c waits: max_num_seqs
-    assert scheduler.num_waiting == 1
+    assert [s.request_id for s in step.sequences] == ["a", "b"]
     step, _ = run_step(scheduler, runner)  # a finished last step: c joins
     assert [s.request_id for s in step.sequences] == ["b", "c"]
+    while scheduler.has_unfinished():
+        run_step(scheduler, runner)
+    for seq in step.sequences:
+        assert seq.output_token_ids == reference(seq.prompt_token_ids, 3)
 
 
-def test_prompt_longer_than_the_token_budget_still_runs():
+def test_long_prompt_is_chunked_and_decodes_run_every_step():
     scheduler, runner = make_scheduler(max_num_batched_tokens=16, max_num_seqs=4), FakeRunner(16)
-    short, long = make_seq("short", 4, max_tokens=5), make_seq("long", 40, max_tokens=2)
-    scheduler.add(short)
+    short = [make_seq(f"s{i}", 4, max_tokens=12) for i in range(3)]
+    for seq in short:
+        scheduler.add(seq)
     run_step(scheduler, runner)
+    long = make_seq("long", 40, max_tokens=2)
     scheduler.add(long)
-    step, _ = run_step(scheduler, runner)
-    assert step.sequences == [short, long] and step.num_tokens == 41  # the only prefill, decodes ride along
+    chunks = []
+    while long.num_output_tokens == 0:
+        step, _ = run_step(scheduler, runner)
+        assert step.num_tokens <= 16
+        assert all(s in step.sequences for s in short)  # never starved by the long prompt
+        q = step.step_input.sequences[step.sequences.index(long)]
+        chunks.append((q.query_len, q.seq_len, q.needs_sample))
+    assert chunks == [(13, 13, False), (13, 26, False), (13, 39, False), (1, 40, True)]
     while scheduler.has_unfinished():
         run_step(scheduler, runner)
     assert long.output_token_ids == reference(long.prompt_token_ids, 2)
+    for seq in short:
+        assert seq.output_token_ids == reference(seq.prompt_token_ids, 12)
 
 
 def test_stops_eos_stop_token_ids_max_model_len():
@@ -293,9 +317,160 @@ def test_sequence_record_roundtrip():
     assert back.token_ids_from(3) == seq.all_token_ids[3:] and back.token_ids_from(6) == [2]
 
 
+def test_prefix_cache_hit_skips_the_shared_blocks():
+    scheduler, runner = make_scheduler(block_size=4), FakeRunner(4)
+    system = [(37 * i) % 900 + 20 for i in range(18)]
+    a = Sequence("a", system + [5, 6], sampling_params=SamplingParams(max_tokens=4))
+    scheduler.add(a)
+    run_step(scheduler, runner)
+    b = Sequence("b", system + [7, 8, 9], sampling_params=SamplingParams(max_tokens=4))
+    scheduler.add(b)
+    step, _ = run_step(scheduler, runner)
+    qb = step.step_input.sequences[step.sequences.index(b)]
+    assert (qb.query_len, qb.seq_len) == (5, 21)  # 16 tokens (4 full blocks) came from the cache
+    assert b.num_cached_tokens == 16 and b.block_table[:4] == a.block_table[:4]
+    while scheduler.has_unfinished():
+        run_step(scheduler, runner)
+    assert a.output_token_ids == reference(a.prompt_token_ids, 4)
+    assert b.output_token_ids == reference(b.prompt_token_ids, 4)
+    bm = scheduler.block_manager
+    assert bm.num_hit_tokens == 16 and bm.num_free_blocks == bm.num_blocks
+
+    # The whole prompt cached: its last token is still computed, so there are logits.
+    c = Sequence("c", system[:16], sampling_params=SamplingParams(max_tokens=2))
+    scheduler.add(c)
+    step, _ = run_step(scheduler, runner)
+    q = step.step_input.sequences[0]
+    assert (q.query_len, q.seq_len, q.needs_sample) == (4, 16, True)
+    while scheduler.has_unfinished():
+        run_step(scheduler, runner)
+    assert c.output_token_ids == reference(c.prompt_token_ids, 2)
+
+
+def test_n_completions_share_the_prompt_blocks():
+    scheduler, runner = make_scheduler(block_size=4), FakeRunner(4)
+    prompt = list(range(50, 63))  # 3 full blocks + 1 token
+    children = [Sequence(f"r#{i}", list(prompt), sampling_params=SamplingParams(max_tokens=3), group_id="r", index=i)
+                for i in range(3)]
+    for seq in children:
+        scheduler.add(seq)
+    step, _ = run_step(scheduler, runner)
+    assert [q.query_len for q in step.step_input.sequences] == [13, 1, 1]
+    shared = children[0].block_table[:3]
+    assert all(c.block_table[:3] == shared for c in children)
+    assert [scheduler.block_manager.ref_counts[b] for b in shared] == [3, 3, 3]
+    assert len({c.block_table[3] for c in children}) == 3  # each writes its own tail
+    while scheduler.has_unfinished():
+        run_step(scheduler, runner)
+    assert all(c.output_token_ids == reference(prompt, 3) for c in children)
+
+
+def test_priority_orders_admission_and_preemption():
+    scheduler, runner = make_scheduler(num_blocks=4, block_size=4, max_model_len=16, max_num_seqs=3), FakeRunner(4)
+    low_old = make_seq("low-old", 4)
+    low_old.priority = 5
+    scheduler.add(low_old)
+    run_step(scheduler, runner)
+    mid, high, late_high = make_seq("mid", 3), make_seq("high", 3), make_seq("late-high", 3)
+    mid.priority, high.priority, late_high.priority = 1, -1, -1
+    for seq in (mid, high, late_high):
+        scheduler.add(seq)
+    assert [s.request_id for s in scheduler.waiting] == ["high", "late-high", "mid"]
+    step, _ = run_step(scheduler, runner)
+    assert [s.request_id for s in step.sequences] == ["low-old", "high", "late-high"]
+    # When high's 5th token needs a block and none is free, the lowest priority
+    # goes, although it is the oldest.
+    while not step.preempted:
+        step, _ = run_step(scheduler, runner)
+    assert step.preempted == [low_old] and low_old.status is SequenceStatus.WAITING
+    assert high.num_output_tokens == 3 and high in step.sequences  # its 5th token got the block
+    while scheduler.has_unfinished():
+        run_step(scheduler, runner)
+    for seq in (low_old, mid, high, late_high):
+        assert seq.output_token_ids == reference(seq.prompt_token_ids, 8)
+
+
+def test_waiting_queue_limit_refuses_at_once():
+    scheduler = make_scheduler(max_num_waiting=2)
+    scheduler.add(make_seq("a", 3))
+    scheduler.add(make_seq("b", 3))
+    with pytest.raises(ResourceExhaustedError, match="waiting queue is full"):
+        scheduler.add(make_seq("c", 3))
+    scheduler.add(make_seq("recovered", 3), force=True)  # recovery after a restart is never refused
+    assert scheduler.num_waiting == 3 and scheduler.get("c") is None
+    scheduler.schedule()  # admitted: room again
+    scheduler.add(make_seq("c", 3))
+
+
+def test_runner_gets_token_history_once_and_is_told_to_forget():
+    scheduler, runner = make_scheduler(num_blocks=4, block_size=4, max_model_len=16), FakeRunner(4)
+    penalised = make_seq("p", 6, max_tokens=6, repetition_penalty=1.3)
+    plain = make_seq("q", 6, max_tokens=2)
+    scheduler.add(plain)
+    run_step(scheduler, runner)
+    scheduler.add(penalised)
+    step, _ = run_step(scheduler, runner)
+    qp = step.step_input.sequences[step.sequences.index(penalised)]
+    qq = step.step_input.sequences[step.sequences.index(plain)]
+    assert qp.seq_id == "p" and qp.context_token_ids == [] and qq.seq_id == "" and qq.context_token_ids is None
+    step, _ = run_step(scheduler, runner)
+    assert step.step_input.sequences[0].context_token_ids is None  # the runner has it now
+    scheduler.reset()  # the runner restarted: recompute, resend the history
+    step, _ = run_step(scheduler, runner)
+    q = step.step_input.sequences[0]
+    assert q.seq_id == "p" and q.context_token_ids == [] and q.query_len == q.seq_len == penalised.num_tokens - 1
+    assert step.step_input.finished_seq_ids == []  # the reset runner has nothing to forget
+    scheduler.abort("p")
+    scheduler.add(make_seq("z", 2))
+    step = scheduler.schedule()
+    assert step.step_input.finished_seq_ids == ["p"]
+
+
+def test_min_tokens_defers_eos_and_stop_token_ids():
+    prompt = [30, 31, 32]
+    ref = reference(prompt, 6)
+    scheduler, runner = Scheduler(BlockManager(16, 4), max_model_len=64, eos_token_ids={ref[0]}), FakeRunner(4)
+    seq = Sequence("m", list(prompt), sampling_params=SamplingParams(max_tokens=6, min_tokens=2,
+                                                                        stop_token_ids=(ref[1], ref[3])))
+    scheduler.add(seq)
+    while scheduler.has_unfinished():
+        run_step(scheduler, runner)
+    assert seq.output_token_ids == ref[:4] and seq.finish_reason == "stop"
+
+
+def test_random_workload_matches_reference_and_keeps_block_invariants():
+    import random
+
+    rng = random.Random(7)
+    bm = BlockManager(24, 4)
+    scheduler, runner = Scheduler(bm, max_model_len=64, max_num_seqs=6, max_num_batched_tokens=24,
+                                  eos_token_ids={EOS}), FakeRunner(4)
+    shared = [rng.randrange(20, 900) for _ in range(12)]
+    seqs = []
+    for step_no in range(400):
+        if step_no < 60 and rng.random() < 0.4:
+            prefix = shared[: rng.choice([0, 4, 8, 12])]
+            prompt = prefix + [rng.randrange(20, 900) for _ in range(rng.randrange(1, 20))]
+            seq = Sequence(f"r{len(seqs)}", prompt, sampling_params=SamplingParams(max_tokens=rng.randrange(1, 20)),
+                           priority=rng.choice([0, 0, 1, -1]))
+            seqs.append(seq)
+            scheduler.add(seq)
+        if not scheduler.has_unfinished():
+            continue
+        run_step(scheduler, runner)
+        live = scheduler.running
+        for block_id in range(bm.num_blocks):
+            assert bm.ref_counts[block_id] == sum(s.block_table.count(block_id) for s in live)
+        assert bm.num_free_blocks == sum(1 for r in bm.ref_counts if r == 0)
+    assert not scheduler.has_unfinished()
+    for seq in seqs:
+        assert seq.output_token_ids == reference(seq.prompt_token_ids, seq.sampling_params.max_tokens), seq
+    assert scheduler.num_preemptions > 0 and bm.num_hit_tokens > 0
+
+
 def test_scheduler_imports_no_torch_or_grpc():
     code = (
-        "import sys, llmexec.scheduler.scheduler, llmexec.scheduler.detokenizer;"
+        "import sys, llmexec.scheduler.scheduler, llmexec.scheduler.block_manager, llmexec.scheduler.detokenizer;"
         "bad = [m for m in ('torch', 'grpc', 'google.protobuf') if m in sys.modules];"
         "assert not bad, bad"
     )

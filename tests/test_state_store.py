@@ -145,3 +145,23 @@ def test_load_active_after_a_restart_continues_the_record(store, client):
     assert trips == 1
     assert store.load("a2").output_token_ids == [7, 8]
     assert store.load("a0").output_token_ids == [7]
+
+
+def test_completions_of_one_request_and_their_logprobs(store, client):
+    from llmexec.scheduler.sequence import completion_id
+    from llmexec.step import TokenLogprobs
+
+    params = SamplingParams(n=2, logprobs=1, seed=3)
+    seqs = [Sequence(completion_id("grp", i, 2), [1, 2, 3], sampling_params=params.for_completion(i), group_id="grp",
+                     index=i, priority=-2) for i in range(2)]
+    store.save_step(seqs)
+    seqs[1].output_token_ids.append(9)
+    seqs[1].output_logprobs.append(TokenLogprobs(9, -0.5, 2, [4], [-0.1]))
+    store.save_step(seqs)
+    assert client.llen(store.logprobs_key("grp#1")) == 1 and client.llen(store.logprobs_key("grp#0")) == 0
+    loaded = store.load_request("grp")
+    assert [s.to_record() for s in loaded] == [s.to_record() for s in seqs]
+    assert loaded[1].output_logprobs[0].top_logprobs == [-0.1] and loaded[0].priority == -2
+    store.save(Sequence("solo", [5]))
+    assert [s.request_id for s in store.load_request("solo")] == ["solo"]
+    assert store.load_request("nobody") == []

@@ -7,9 +7,12 @@ import asyncio
 import logging
 import os
 
+from llmexec.loader.checkpoint import LOAD_FORMATS
 from llmexec.loader.model_store import ModelStore
+from llmexec.quantization import QUANTIZATION_HELP, QUANTIZATIONS
 from llmexec.loader.server import LoaderServicer
 from llmexec.rpc.server import configure_logging, serve_until_signalled, start_server
+from llmexec.rpc.transport_args import add_transport_args, transport_from_args
 from llmexec.v1 import loader_pb2, loader_pb2_grpc
 
 log = logging.getLogger("llmexec.loader")
@@ -20,26 +23,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default=os.environ.get("LLMEXEC_LOADER_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("LLMEXEC_LOADER_PORT", "50052")))
     p.add_argument("--model", default=os.environ.get("LLMEXEC_MODEL", ""),
-                   help="HF folder or .gguf file to load at start (default: none; use LoadModel)")
-    p.add_argument("--load-format", default=os.environ.get("LLMEXEC_LOAD_FORMAT", "auto"))
+                   help="HF folder, .gguf file, config.json (with --load-format dummy) or a model id in the local "
+                        "HF cache, to load at start (default: none; use LoadModel)")
+    p.add_argument("--load-format", default=os.environ.get("LLMEXEC_LOAD_FORMAT", "auto"), choices=LOAD_FORMATS,
+                   help="auto picks safetensors, then pt (.bin), then gguf; dummy makes random weights from the config")
     p.add_argument("--dtype", default=os.environ.get("LLMEXEC_DTYPE", "float32"))
+    p.add_argument("--quantization", default=os.environ.get("LLMEXEC_QUANTIZATION", ""),
+                   choices=["", *QUANTIZATIONS], help=QUANTIZATION_HELP)
+    p.add_argument("--quantization-group-size", type=int,
+                   default=int(os.environ.get("LLMEXEC_QUANTIZATION_GROUP_SIZE", "0")),
+                   help="input columns per int4 scale (default 128)")
     p.add_argument("--log-level", default=os.environ.get("LLMEXEC_LOG_LEVEL", "INFO"))
+    add_transport_args(p, "loader")
     return p.parse_args(argv)
 
 
 async def amain(args: argparse.Namespace) -> None:
     store = ModelStore()
+    transport = transport_from_args(args)
     service = loader_pb2.DESCRIPTOR.services_by_name["LoaderService"].full_name
     running = await start_server(
         [(loader_pb2_grpc.add_LoaderServiceServicer_to_server, LoaderServicer(store))],
-        [service], args.host, args.port,
+        [service], args.host, args.port, tls=transport.server_tls, health_port=transport.health_port,
     )
     log.info("loader listening on %s:%d", args.host, running.port)
     try:
         if args.model:
-            await asyncio.to_thread(store.load, args.model, args.load_format, args.dtype)
+            await asyncio.to_thread(store.load, args.model, args.load_format, args.dtype, args.quantization,
+                                    args.quantization_group_size)
         await running.set_serving(True)
-        await serve_until_signalled(running)
+        await serve_until_signalled(running, transport.drain_seconds)
     finally:
         store.close()
 

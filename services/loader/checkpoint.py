@@ -1,10 +1,10 @@
-"""Opening a checkpoint: one interface over Hugging Face folders and GGUF files.
+"""Opening a checkpoint: one interface over Hugging Face folders, GGUF files and dummy weights.
 
 `open_checkpoint` picks a reader by load format; each reader lives in its own
-module (`safetensors_checkpoint`, `gguf_checkpoint`) and is imported only when
-used, so reading safetensors never imports gguf. Every reader speaks Hugging
-Face parameter names and shapes, so the rest of the loader never sees a GGUF
-name or a quantized block.
+module (`safetensors_checkpoint`, `torch_bin_checkpoint`, `gguf_checkpoint`,
+`dummy_checkpoint`) and is imported only when used, so reading safetensors
+never imports gguf. Every reader speaks Hugging Face parameter names and
+shapes, so the rest of the loader never sees a GGUF name or a quantized block.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llmexec.errors import CheckpointError, InvalidArgumentError, NotFoundError
+from llmexec.errors import CheckpointError, InvalidArgumentError
+from llmexec.loader.hf_cache import resolve_model_path
 
 if TYPE_CHECKING:
     import torch
@@ -25,8 +26,15 @@ if TYPE_CHECKING:
 # load format -> (module, class); imported lazily like vLLM's model registry.
 _READERS = {
     "safetensors": ("llmexec.loader.safetensors_checkpoint", "SafetensorsCheckpoint"),
+    "pt": ("llmexec.loader.torch_bin_checkpoint", "TorchBinCheckpoint"),
     "gguf": ("llmexec.loader.gguf_checkpoint", "GGUFCheckpoint"),
+    "dummy": ("llmexec.loader.dummy_checkpoint", "DummyCheckpoint"),
 }
+LOAD_FORMATS = ("auto", *_READERS)
+
+
+class NoWeightsError(CheckpointError):
+    """A folder with a config.json and no weight files: only load_format "dummy" can use it."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     source_dtype: str
+    file: str = ""  # the file holding it, for error messages; "" when the checkpoint is one file
 
 
 class Checkpoint(abc.ABC):
@@ -77,7 +86,7 @@ class Checkpoint(abc.ABC):
             expected = expected_shape(self.config, spec.name)
             if expected is not None and expected != spec.shape:
                 raise CheckpointError(
-                    f"{self.source}: tensor {spec.name} has shape {list(spec.shape)} but "
+                    f"{spec.file or self.source}: tensor {spec.name} has shape {list(spec.shape)} but "
                     f"{self._config_name()} implies {list(expected)}; the weights and the config do not match"
                 )
         return specs
@@ -104,21 +113,21 @@ class Checkpoint(abc.ABC):
 
 
 def open_checkpoint(path: str, load_format: str = "auto") -> Checkpoint:
-    """Open a HF folder (config.json + safetensors) or a .gguf file.
+    """Open a HF folder (config.json + safetensors or PyTorch .bin), a .gguf file,
+    or a config.json alone with load_format "dummy".
 
-    `load_format` is "auto", "safetensors" or "gguf". Nothing but headers and
-    metadata is read here. Raises NotFoundError for a missing path,
-    InvalidArgumentError for an unknown format, CheckpointError when the path
-    holds no checkpoint of that format.
+    `path` may also be a Hugging Face model id ("org/name"), found offline in
+    the local HF cache. `load_format` is one of LOAD_FORMATS. Nothing but
+    headers and metadata is read here. Raises NotFoundError for a missing path
+    or uncached id, InvalidArgumentError for an unknown format,
+    CheckpointError when the path holds no checkpoint of that format.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise NotFoundError(f"checkpoint {path!r} does not exist (expected a model folder or a .gguf file)")
+    path = resolve_model_path(os.fspath(path))
     if load_format == "auto":
         load_format = _detect_format(path)
     if load_format not in _READERS:
         raise InvalidArgumentError(
-            f"unknown load_format {load_format!r}; use one of: auto, {', '.join(sorted(_READERS))}"
+            f"unknown load_format {load_format!r}; use one of: {', '.join(LOAD_FORMATS)}"
         )
     module_name, class_name = _READERS[load_format]
     reader = getattr(importlib.import_module(module_name), class_name)
@@ -127,10 +136,24 @@ def open_checkpoint(path: str, load_format: str = "auto") -> Checkpoint:
 
 def _detect_format(path: str) -> str:
     if os.path.isfile(path):
-        return "gguf" if path.endswith(".gguf") else "safetensors"
-    names = os.listdir(path)
+        if path.endswith(".gguf"):
+            return "gguf"
+        if path.endswith(".json"):
+            raise CheckpointError(f"{path} is a config alone; pass --load-format dummy for random weights of its shape")
+        return "safetensors"
+    names = set(os.listdir(path))
     if "config.json" not in names and any(name.endswith(".gguf") for name in names):
         return "gguf"
+    # safetensors first, as transformers prefers it when a folder has both.
+    if names & {"model.safetensors", "model.safetensors.index.json"}:
+        return "safetensors"
+    if names & {"pytorch_model.bin", "pytorch_model.bin.index.json"}:
+        return "pt"
+    if "config.json" in names:
+        raise NoWeightsError(
+            f"{path} has a config.json but no weights (model.safetensors, pytorch_model.bin or their "
+            f"*.index.json; found: {', '.join(sorted(names))}); pass --load-format dummy for random weights"
+        )
     return "safetensors"
 
 

@@ -124,24 +124,36 @@ class GGUFCheckpoint(Checkpoint):
         return [spec for _, spec in self._entries()]
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for tensor, spec in self._entries():
+            yield spec.name, self.dequantized(tensor, spec)
+
+    def iter_stored(self) -> Iterator[tuple[TensorSpec, object]]:
+        """(spec, the gguf reader's tensor: `.data` as stored, `.tensor_type`), in tensor_specs order,
+        for readers that keep some blocks as they are (see `dequantized` and `unpermute_rows`)."""
+        for tensor, spec in self._entries():
+            yield spec, tensor
+
+    def dequantized(self, tensor, spec: TensorSpec) -> torch.Tensor:
+        """One reader tensor as float32 in HF shape and row order."""
         from gguf import dequantize
 
-        for tensor, spec in self._entries():
-            try:
-                values = dequantize(tensor.data, tensor.tensor_type)
-            except NotImplementedError as error:
-                raise CheckpointError(f"{self.source}: tensor {tensor.name}: {error}") from error
-            if not values.flags.writeable:  # F32 comes back as a view of the read-only mapping
-                values = values.copy()
-            weights = torch.from_numpy(values.astype(np.float32, copy=False)).reshape(spec.shape)
-            yield spec.name, self._unpermute(spec.name, weights)
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as error:
+            raise CheckpointError(f"{self.source}: tensor {tensor.name}: {error}") from error
+        if not values.flags.writeable:  # F32 comes back as a view of the read-only mapping
+            values = values.copy()
+        weights = torch.from_numpy(values.astype(np.float32, copy=False)).reshape(spec.shape)
+        return self.unpermute_rows(spec.name, weights)
 
-    def _unpermute(self, name: str, weights: torch.Tensor) -> torch.Tensor:
+    def unpermute_rows(self, name: str, weights: torch.Tensor) -> torch.Tensor:
         """Undo the row interleave llama.cpp's converter applies to Q and K.
 
         llama.cpp reorders each head's rows from HF's "first half, second half"
         rotary layout to interleaved pairs; reversing it per head restores HF's.
         K uses the KV head count, as transformers' LlamaTensorProcessor does.
+        Works on anything with one row per output row of `name` (weights, or
+        per-row quantization components).
         """
         if ".self_attn.q_proj." in name:
             heads = self.config["num_attention_heads"]

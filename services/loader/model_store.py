@@ -12,8 +12,13 @@ from pathlib import Path
 import torch
 
 from llmexec.errors import InvalidArgumentError, NotFoundError
+from llmexec.loader.binding_check import check_model_accepts
 from llmexec.loader.checkpoint import Checkpoint, open_checkpoint
-from llmexec.loader.shm_store import SharedWeights
+from llmexec.loader.hf_cache import resolve_model_path
+from llmexec.loader.quantized_checkpoint import quantize_checkpoint
+from llmexec.loader.shm_store import SharedWeights, plan_layout
+from llmexec.loader.weight_plan import plan_weights
+from llmexec.models.config_keys import standard_config
 from llmexec.models.registry import model_class_for
 
 log = logging.getLogger(__name__)
@@ -27,6 +32,8 @@ class LoadedModel:
     checkpoint: Checkpoint
     weights: SharedWeights
     tokenizer_files: dict[str, bytes]
+    quantization: str = "none"  # llmexec.loader.quantized_checkpoint.QUANTIZATIONS
+    parameter_count: int = 0  # the model's, whatever form the weights are stored in
 
     @property
     def config(self) -> dict:
@@ -34,7 +41,8 @@ class LoadedModel:
 
     @property
     def max_model_len(self) -> int:
-        return int(self.config.get("max_position_embeddings", 2048))
+        # GPT-2 says n_positions; BLOOM (ALiBi) sets no limit, so it gets the default.
+        return int(standard_config(self.config).get("max_position_embeddings", 2048))
 
     @property
     def vocab_size(self) -> int:
@@ -46,7 +54,8 @@ class LoadedModel:
 
 def model_id_for(source: str) -> str:
     """A readable id from the checkpoint's file or folder name."""
-    name = Path(source).name
+    path = Path(source)
+    name = (path.parent if path.suffix == ".json" else path).name  # a config.json alone (dummy): its folder
     name = re.sub(r"\.gguf$", "", name)
     return re.sub(r"[^A-Za-z0-9._-]", "-", name) or "model"
 
@@ -60,35 +69,52 @@ class ModelStore:
         self._default_id: str | None = None
         self._lock = threading.Lock()
 
-    def load(self, source: str, load_format: str = "auto", dtype: str = "float32") -> LoadedModel:
-        """Load a checkpoint into shared memory (blocking; call it off the event loop)."""
+    def load(self, source: str, load_format: str = "auto", dtype: str = "float32", quantization: str = "",
+             quantization_group_size: int = 0) -> LoadedModel:
+        """Load a checkpoint into shared memory (blocking; call it off the event loop).
+
+        `quantization` and `quantization_group_size` as in quantize_checkpoint.
+        """
         dtype = dtype or "float32"
         load_format = load_format or "auto"
         if dtype not in DTYPES:
             raise InvalidArgumentError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        source = str(Path(source).expanduser().resolve()) if source else source
         if not source:
-            raise InvalidArgumentError("model must name a Hugging Face folder or a .gguf file")
-        key = (source, load_format, dtype)
+            raise InvalidArgumentError("model must name a Hugging Face folder, a .gguf file or a cached model id")
+        requested, source = source, resolve_model_path(source)  # a model id becomes its HF cache snapshot
+        key = (source, load_format, dtype, quantization, quantization_group_size)
         with self._lock:
             if key in self._by_source:
                 return self._models[self._by_source[key]]
             checkpoint = open_checkpoint(source, load_format)
-            model_class_for(checkpoint.architecture, checkpoint.config)  # fail early, listing the supported names
-            model_id = self._unique_id(model_id_for(source))
-            log.info("loading %s (%s, %s) as %s", source, checkpoint.load_format, dtype, model_id)
-            weights = SharedWeights.create(model_id, checkpoint, DTYPES[dtype])
+            # Fails early, listing the supported names; the class says what it fuses.
+            model_class = model_class_for(checkpoint.architecture, checkpoint.config)
+            checkpoint, quantization = quantize_checkpoint(
+                checkpoint, quantization, quantization_group_size, model_class, standard_config(checkpoint.config),
+                DTYPES[dtype],
+            )
+            # A quantized checkpoint yields its floating tensors already cast (and its codes must stay as they are).
+            store_dtype = DTYPES[dtype] if quantization == "none" else None
+            plan = plan_weights(model_class, checkpoint.config, checkpoint.tensor_specs(), checkpoint.source)
+            # A missing or misshapen tensor fails here, naming the checkpoint, not in a runner later.
+            parameter_count = check_model_accepts(
+                model_class, standard_config(checkpoint.config), plan_layout(plan, store_dtype)[0], checkpoint.source
+            )
+            model_id = self._unique_id(model_id_for(requested))
+            log.info("loading %s (%s, %s, quantization %s) as %s", source, checkpoint.load_format, dtype, quantization,
+                     model_id)
+            weights = SharedWeights.create(model_id, checkpoint, store_dtype, plan=plan)
             try:
                 tokenizer_files = checkpoint.tokenizer_files()
             except Exception:
                 weights.close()
                 raise
-            model = LoadedModel(model_id, checkpoint, weights, tokenizer_files)
+            model = LoadedModel(model_id, checkpoint, weights, tokenizer_files, quantization, parameter_count)
             self._models[model_id] = model
             self._by_source[key] = model_id
             self._default_id = self._default_id or model_id
             log.info(
-                "loaded %s: %d parameters, %s", model_id, weights.parameter_count, weights.bytes_by_dtype
+                "loaded %s: %d parameters, %s", model_id, parameter_count, weights.bytes_by_dtype
             )
             return model
 

@@ -12,27 +12,10 @@ from safetensors import SafetensorError, safe_open
 
 from llmexec.errors import CheckpointError
 from llmexec.loader.checkpoint import Checkpoint, TensorSpec
+from llmexec.loader.hf_folder import read_json, tokenizer_files
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-# Files `save_pretrained` writes for a tokenizer (and generation defaults,
-# which carry the stop tokens a chat model needs).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
-# Without one of these there is no tokenizer, whatever else is present.
-_TOKENIZER_DEFINING = {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json"}
 
 # safetensors header dtype -> torch dtype.
 _DTYPES = {
@@ -61,14 +44,14 @@ class SafetensorsCheckpoint(Checkpoint):
                 f"{source} is not a folder; pass the Hugging Face model folder that holds config.json "
                 "and the .safetensors files"
             )
-        self.config = _read_json(os.path.join(source, "config.json"), what="config.json")
+        self.config = read_json(os.path.join(source, "config.json"), what="config.json")
         # shard file name -> HF names it holds, in file order.
         self._shards = self._find_shards()
 
     def _find_shards(self) -> dict[str, list[str]]:
         index_path = os.path.join(self.source, INDEX_FILE)
         if os.path.exists(index_path):
-            weight_map = _read_json(index_path, what=INDEX_FILE).get("weight_map")
+            weight_map = read_json(index_path, what=INDEX_FILE).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_path} has no weight_map; the index is corrupt")
             shards: dict[str, list[str]] = {}
@@ -112,14 +95,7 @@ class SafetensorsCheckpoint(Checkpoint):
                 raise CheckpointError(f"{path} could not be read: {error}") from error
 
     def tokenizer_files(self) -> dict[str, bytes]:
-        present = {name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(self.source, name))}
-        if not present & _TOKENIZER_DEFINING:
-            return {}
-        files = {}
-        for name in sorted(present):
-            with open(os.path.join(self.source, name), "rb") as file:
-                files[name] = file.read()
-        return files
+        return tokenizer_files(self.source)
 
 
 def read_header(path: str) -> dict[str, TensorSpec]:
@@ -167,15 +143,5 @@ def read_header(path: str) -> dict[str, TensorSpec]:
                 f"{path} is truncated: tensor {name} ends at byte {end} of the data section, "
                 f"which holds only {data_size} bytes; download the file again"
             )
-        specs[name] = TensorSpec(name, shape, dtype, entry["dtype"])
+        specs[name] = TensorSpec(name, shape, dtype, entry["dtype"], path)
     return specs
-
-
-def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; a Hugging Face model folder needs {what}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from error

@@ -12,11 +12,13 @@ import os
 import re
 import secrets
 import tempfile
+from collections.abc import Sequence
 
 import torch
 
 from llmexec.errors import CheckpointError, ResourceExhaustedError
-from llmexec.loader.checkpoint import Checkpoint, TensorSpec
+from llmexec.loader.checkpoint import Checkpoint
+from llmexec.loader.weight_plan import TargetTensor, fill_slice, passthrough_plan
 from llmexec.weight_layout import TensorLocation, WeightLayout, WeightSegment
 
 # tmpfs: pages live in RAM and any process on the host (or pod, with an
@@ -36,26 +38,36 @@ class SharedWeights:
         self._closed = False
 
     @classmethod
-    def create(cls, model_id: str, checkpoint: Checkpoint, dtype: torch.dtype | None = None) -> SharedWeights:
-        """Copy `checkpoint`'s tensors into a new file under /dev/shm.
+    def create(
+        cls,
+        model_id: str,
+        checkpoint: Checkpoint,
+        dtype: torch.dtype | None = None,
+        plan: Sequence[TargetTensor] | None = None,
+    ) -> SharedWeights:
+        """Fill a new file under /dev/shm with `plan`'s target tensors, streaming `checkpoint`.
 
-        Floating tensors are cast to `dtype` when given; otherwise each keeps
-        the dtype `iter_tensors` yields (float32 for GGUF). Raises
-        CheckpointError when a streamed tensor's name or shape disagrees with
-        `tensor_specs()` or a listed tensor never arrives, ResourceExhaustedError
-        when /dev/shm is too small; either way no file is left behind.
+        `plan` (llmexec.loader.weight_plan.plan_weights) says which checkpoint
+        tensors make each target (fused q/k/v, stacked experts); without it every
+        checkpoint tensor is its own target. Floating targets are cast to `dtype`
+        when given; otherwise each keeps the dtype `iter_tensors` yields (float32
+        for GGUF). Raises CheckpointError when a streamed tensor's name or shape
+        disagrees with the plan (built from `tensor_specs()`) or a planned tensor
+        never arrives, ResourceExhaustedError when /dev/shm is too small; either
+        way no file is left behind.
         """
-        specs = checkpoint.tensor_specs()
-        if not specs:
+        if plan is None:
+            plan = passthrough_plan(checkpoint.tensor_specs())
+        if not plan:
             raise CheckpointError(f"{checkpoint.source} holds no tensors")
         path = os.path.join(SHM_DIR, f"llmexec-{_file_safe(model_id)}-{secrets.token_hex(4)}")
-        locations, size = plan_layout(specs, dtype)
+        locations, size = plan_layout(plan, dtype)
         layout = WeightLayout(segments=[WeightSegment(path, size)], tensors=locations)
         try:
             _reserve(path, size)
             buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
             tensors = {location.name: _view(buffer, location) for location in locations}
-            _stream(checkpoint, tensors)
+            _stream(checkpoint, plan, tensors)
         except BaseException:
             # Also on KeyboardInterrupt: a half-filled file would hold RAM until reboot.
             _unlink(path)
@@ -93,14 +105,14 @@ class SharedWeights:
         self.close()
 
 
-def plan_layout(specs: list[TensorSpec], dtype: torch.dtype | None) -> tuple[list[TensorLocation], int]:
-    """Place each tensor at the next ALIGNMENT boundary of segment 0.
+def plan_layout(targets: Sequence[TargetTensor], dtype: torch.dtype | None) -> tuple[list[TensorLocation], int]:
+    """Place each target tensor at the next ALIGNMENT boundary of segment 0.
 
-    Returns the locations, in spec order, and the segment size in bytes.
+    Returns the locations, in plan order, and the segment size in bytes.
     """
     locations = []
     offset = 0
-    for spec in specs:
+    for spec in targets:
         target = dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype
         offset = -(-offset // ALIGNMENT) * ALIGNMENT
         locations.append(TensorLocation(spec.name, dtype_name(target), spec.shape, 0, offset))
@@ -141,23 +153,24 @@ def _view(buffer: torch.Tensor, location: TensorLocation) -> torch.Tensor:
     return window.view(dtype).view(location.shape)
 
 
-def _stream(checkpoint: Checkpoint, targets: dict[str, torch.Tensor]) -> None:
-    """Copy each streamed tensor into its view, casting; check name and shape."""
+def _stream(checkpoint: Checkpoint, plan: Sequence[TargetTensor], targets: dict[str, torch.Tensor]) -> None:
+    """Copy each streamed tensor into its slice of its target, casting; check name and shape."""
+    slices = {source.name: (target.name, source) for target in plan for source in target.sources}
     filled = set()
     for name, tensor in checkpoint.iter_tensors():
-        target = targets.get(name)
-        if target is None:
+        if name not in slices:
             raise CheckpointError(f"{checkpoint.source}: tensor {name} was read but is not in its tensor list")
         if name in filled:
             raise CheckpointError(f"{checkpoint.source}: tensor {name} appears twice")
-        if tuple(tensor.shape) != tuple(target.shape):
+        target_name, source = slices[name]
+        if tuple(tensor.shape) != source.shape:
             raise CheckpointError(
                 f"{checkpoint.source}: tensor {name} has shape {list(tensor.shape)} "
-                f"but its header says {list(target.shape)}; the file is corrupt or changed while loading"
+                f"but its header says {list(source.shape)}; the file is corrupt or changed while loading"
             )
-        target.copy_(tensor)
+        fill_slice(targets[target_name], source, tensor)
         filled.add(name)
-    missing = [name for name in targets if name not in filled]
+    missing = [name for name in slices if name not in filled]
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise CheckpointError(f"{checkpoint.source}: tensors listed but never read: {shown}")

@@ -11,6 +11,7 @@ import torch
 
 from llmexec.rpc.client import wait_until_serving
 from llmexec.rpc.server import configure_logging, serve_until_signalled, start_server
+from llmexec.rpc.transport_args import add_transport_args, transport_from_args
 from llmexec.runner.server import RunnerConfig, RunnerServicer, attach_to_loader
 from llmexec.v1 import loader_pb2, runner_pb2, runner_pb2_grpc
 
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=int(env("LLMEXEC_THREADS", "0")),
                    help="torch CPU threads; 0 keeps torch's default")
     p.add_argument("--log-level", default=env("LLMEXEC_LOG_LEVEL", "INFO"))
+    add_transport_args(p, "runner")
     return p.parse_args(argv)
 
 
@@ -40,23 +42,26 @@ async def amain(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     service = runner_pb2.DESCRIPTOR.services_by_name["RunnerService"].full_name
     loader_service = loader_pb2.DESCRIPTOR.services_by_name["LoaderService"].full_name
+    transport = transport_from_args(args)
     cfg = RunnerConfig(
         loader_address=args.loader,
         model_id=args.model_id,
         block_size=args.block_size,
         num_blocks=args.num_blocks,
         kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
+        loader_tls=transport.client_tls,
     )
     # Bind first so health checks answer NOT_SERVING while we wait for the loader.
     servicer = RunnerServicer(device="cpu")
     running = await start_server(
-        [(runner_pb2_grpc.add_RunnerServiceServicer_to_server, servicer)], [service], args.host, args.port
+        [(runner_pb2_grpc.add_RunnerServiceServicer_to_server, servicer)], [service], args.host, args.port,
+        tls=transport.server_tls, health_port=transport.health_port,
     )
     log.info("runner listening on %s:%d, waiting for loader %s", args.host, running.port, args.loader)
-    await wait_until_serving(args.loader, loader_service, timeout=600)
+    await wait_until_serving(args.loader, loader_service, timeout=600, tls=transport.client_tls)
     servicer.attach(*await attach_to_loader(cfg))
     await running.set_serving(True)
-    await serve_until_signalled(running)
+    await serve_until_signalled(running, transport.drain_seconds)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,13 +14,16 @@ import torch
 
 from llmexec.errors import InvalidArgumentError
 from llmexec.models.attention import AttentionMetadata
+from llmexec.models.config_keys import standard_config
 from llmexec.models.registry import architecture_of, model_class_for
-from llmexec.runner.sampler import sample
-from llmexec.step import StepInput
+from llmexec.quantization.linear_swap import swap_quantized_linears
+from llmexec.runner.sampler import sample, token_logprobs
+from llmexec.step import StepInput, StepOutput
 
 
 def kv_cache_spec(config: Mapping) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of an HF config dict."""
+    config = standard_config(config)  # GPT-2 and BLOOM say n_layer, n_head, ...
     num_heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
     return config["num_hidden_layers"], config.get("num_key_value_heads") or num_heads, head_dim
@@ -51,9 +54,11 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_cache_dtype = kv_cache_dtype
+        config = standard_config(config)
         model_class = model_class_for(architecture_of(config), config)
         self.model = model_class(config)
-        self.model.load_weights(weights)
+        # Linears the loader quantized become quantized modules over the same tensors.
+        self.model.load_weights(swap_quantized_linears(self.model, weights))
         self.model.to(self.device).eval()
         self.vocab_size = config["vocab_size"]
         num_layers, num_kv_heads, head_dim = kv_cache_spec(config)
@@ -70,10 +75,17 @@ class ModelRunner:
 
     def execute(self, step: StepInput) -> list[int]:
         """Run the step; return one sampled token id per sequence with needs_sample, in order."""
+        return self.execute_step(step).sampled_token_ids
+
+    def execute_step(self, step: StepInput, histories: list[list[int] | None] | None = None) -> StepOutput:
+        """Run the step and sample; histories (one per sampled sequence, see
+        TokenHistories.update) feed the penalties. Logprobs where asked."""
         logits = self.execute_logits(step)
         sampled = [s for s in step.sequences if s.needs_sample]
+        params = [s.sampling_params for s in sampled]
         with torch.inference_mode():
-            return sample(logits, [s.sampling_params for s in sampled], [s.output_index for s in sampled])
+            token_ids = sample(logits, params, [s.output_index for s in sampled], histories, step.eos_token_ids)
+            return StepOutput(sampled_token_ids=token_ids, logprobs=token_logprobs(logits, token_ids, params))
 
     def execute_logits(self, step: StepInput) -> torch.Tensor:
         """Run the step; return logits [num sequences with needs_sample, vocab] float32."""

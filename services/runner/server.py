@@ -7,14 +7,18 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass
 
 import torch
 
-from llmexec.errors import UnavailableError
+from llmexec.errors import FailedPreconditionError, UnavailableError
 from llmexec.rpc.client import aio_channel
-from llmexec.rpc.codec import step_from_pb
+from llmexec.rpc.codec import step_from_pb, step_output_to_pb
+from llmexec.rpc.tls import ClientTLS
 from llmexec.runner.model_runner import ModelRunner, num_blocks_for_memory
+from llmexec.runner.tracer import StageTrace, trace_prefill_and_decode
+from llmexec.runner.token_history import TokenHistories
 from llmexec.runner.weight_attach import attach_weights
 from llmexec.v1 import loader_pb2, loader_pb2_grpc, runner_pb2, runner_pb2_grpc
 from llmexec.weight_layout import TensorLocation, WeightLayout, WeightSegment
@@ -30,6 +34,7 @@ class RunnerConfig:
     num_blocks: int = 0  # 0: size the cache from kv_cache_bytes
     kv_cache_bytes: int = 1 << 30
     device: str = "cpu"
+    loader_tls: ClientTLS | None = None  # None: plaintext to the loader
 
 
 def layout_from_pb(pb: loader_pb2.GetWeightLayoutResponse) -> WeightLayout:
@@ -50,7 +55,7 @@ def layout_from_pb(pb: loader_pb2.GetWeightLayoutResponse) -> WeightLayout:
 
 async def attach_to_loader(cfg: RunnerConfig) -> tuple[loader_pb2.ModelInfo, ModelRunner]:
     """Fetch the weight layout from the loader, map it, and build the model runner."""
-    async with aio_channel(cfg.loader_address) as channel:
+    async with aio_channel(cfg.loader_address, cfg.loader_tls) as channel:
         layout_pb = await loader_pb2_grpc.LoaderServiceStub(channel).GetWeightLayout(
             loader_pb2.GetWeightLayoutRequest(model_id=cfg.model_id), timeout=60
         )
@@ -73,6 +78,10 @@ class RunnerServicer(runner_pb2_grpc.RunnerServiceServicer):
         self.runner: ModelRunner | None = None
         # One step at a time: the KV cache and torch's threads are shared.
         self._step_lock = asyncio.Lock()
+        # A new id per process: a scheduler that planned steps for the KV cache of
+        # an earlier runner on this address learns that the cache is gone.
+        self.instance_id = uuid.uuid4().hex
+        self.token_histories = TokenHistories()
 
     def attach(self, model_info: loader_pb2.ModelInfo, runner: ModelRunner) -> None:
         self.model_info, self.runner = model_info, runner
@@ -98,13 +107,49 @@ class RunnerServicer(runner_pb2_grpc.RunnerServiceServicer):
                 for name, p in params.items()
             ],
             pid=os.getpid(),
+            instance_id=self.instance_id,
         )
 
     async def ExecuteStep(self, request, context):
         runner = self._attached()
         step = step_from_pb(request)
+        if step.runner_instance_id and step.runner_instance_id != self.instance_id:
+            raise FailedPreconditionError(
+                f"this step was planned for runner instance {step.runner_instance_id}, this is {self.instance_id} "
+                "(the runner restarted and its KV cache is empty): recompute"
+            )
         async with self._step_lock:
             started = time.perf_counter()
-            sampled = await asyncio.to_thread(runner.execute, step)
+            output = await asyncio.to_thread(self._execute, runner, step)
             elapsed = time.perf_counter() - started
-        return runner_pb2.ExecuteStepResponse(sampled_token_ids=sampled, execute_seconds=elapsed)
+        return step_output_to_pb(output, elapsed)
+
+    def _execute(self, runner: ModelRunner, step):
+        runner.validate(step)  # before the histories change
+        return runner.execute_step(step, self.token_histories.update(step))
+
+    async def TraceStep(self, request, context):
+        runner = self._attached()
+        async with self._step_lock:
+            stages = await asyncio.to_thread(trace_prefill_and_decode, runner, list(request.prompt_token_ids))
+        return runner_pb2.TraceStepResponse(
+            stages=[trace_stage_to_pb(stage) for stage in stages], architecture=self.model_info.architecture
+        )
+
+
+def trace_stage_to_pb(stage: StageTrace) -> runner_pb2.TraceStage:
+    def tensors(descs):
+        return [runner_pb2.TensorInfo(shape=d.shape, dtype=d.dtype) for d in descs]
+
+    return runner_pb2.TraceStage(
+        stage=stage.stage,
+        num_tokens=stage.num_tokens,
+        sampled_token_id=stage.sampled_token_id,
+        calls=[
+            runner_pb2.ModuleCall(
+                index=c.index, name=c.name, class_name=c.class_name, depth=c.depth, inputs=tensors(c.inputs),
+                outputs=tensors(c.outputs), seconds=c.seconds, self_seconds=c.self_seconds,
+            )
+            for c in stage.calls
+        ],
+    )

@@ -47,12 +47,15 @@ class IncrementalDetokenizer:
         self.stopped = False
         self.stop_string: str | None = None
 
-    def add(self, token_ids: list[int]) -> str:
-        """Take newly generated token ids; return the text they complete, '' if none yet."""
+    def add(self, token_ids: list[int], allow_stop: bool = True) -> str:
+        """Take newly generated token ids; return the text they complete, '' if none yet.
+
+        allow_stop=False (a sequence still under its min_tokens) returns the text
+        without looking for stop strings."""
         if self.stopped:
             return ""
         self.token_ids.extend(t for t in token_ids if t not in self.skipped_ids)
-        return self._emit(self._read(final=False), final=False)
+        return self._emit(self._read(final=False), final=False, allow_stop=allow_stop)
 
     def flush(self) -> str:
         """At the end of generation: the text held back, incomplete characters included."""
@@ -72,9 +75,9 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         return text[len(prefix_text) :]
 
-    def _emit(self, new_text: str, final: bool) -> str:
+    def _emit(self, new_text: str, final: bool, allow_stop: bool = True) -> str:
         text = self.pending + new_text
-        if not self.stop:
+        if not self.stop or not allow_stop:
             self.pending = ""
             return text
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)

@@ -1,161 +1,350 @@
-"""The continuous-batching loop: schedule a step, run it on the runner, stream results.
+"""The serving loop: one step loop per runner, streams to clients, state in Redis.
 
-One asyncio task owns the Scheduler; request handlers only enqueue work and
-read their own output queue. Aborts (client cancel or disconnect) are applied
-between steps, so blocks are never freed while the runner may still write them.
+Each replica (a runner and the Scheduler owning its KV cache) has an asyncio
+task that schedules a step, runs it on its runner, applies the result, saves
+every changed sequence to Redis in one pipeline, and only then hands the new
+tokens to the clients' queues, so what a client has seen is always stored.
+Request handlers only add requests and read their own queue.
+
+Failures:
+- a runner that goes away or restarts (RunnerLost): its sequences go back to
+  waiting with nothing computed (and to another runner when one is up), the
+  loop waits for the runner to answer again, and the KV cache is recomputed
+  from the tokens;
+- a scheduler that dies: the next one calls recover() before serving, which
+  reloads every unfinished sequence from Redis and schedules it again; clients
+  reconnect with ResumeGenerate(request_id, offset);
+- Redis unreachable: the step's results wait (and retry) until they are stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import time
+from collections import defaultdict
 
-from llmexec.errors import UnavailableError
-from llmexec.scheduler.detokenizer import IncrementalDetokenizer
-from llmexec.scheduler.scheduler import Scheduler
+import redis
+
+from llmexec.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from llmexec.scheduler.metrics import EngineMetrics
+from llmexec.scheduler.replica import Replica
+from llmexec.scheduler.request_state import END, Completion, RequestStream, StreamChunk
+from llmexec.scheduler.router import choose_replica
+from llmexec.scheduler.runner_client import RunnerLost
+from llmexec.scheduler.scheduler import ScheduledStep
 from llmexec.scheduler.sequence import Sequence
 from llmexec.scheduler.state_store import SequenceStore
 from llmexec.scheduler.tokenizer import Tokenizer
-from llmexec.step import StepInput
 
 log = logging.getLogger(__name__)
 
-ExecuteStep = Callable[[StepInput], Awaitable[list[int]]]
-
-
-@dataclass
-class StreamChunk:
-    """What one GenerateResponse carries."""
-
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None  # "stop", "length" or "abort" on the last chunk
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+STORE_RETRY_S = 0.5
 
 
 class Engine:
-    def __init__(
-        self,
-        scheduler: Scheduler,
-        store: SequenceStore,
-        execute_step: ExecuteStep,
-        tokenizer: Tokenizer | None,
-    ) -> None:
-        self.scheduler = scheduler
+    def __init__(self, replicas: list[Replica], store: SequenceStore, tokenizer: Tokenizer | None,
+                 model_name: str = "") -> None:
+        if not replicas:
+            raise InvalidArgumentError("the engine needs at least one runner")
+        self.replicas = replicas
         self.store = store
-        self.execute_step = execute_step
         self.tokenizer = tokenizer
-        self._outputs: dict[str, asyncio.Queue] = {}
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self._pending_aborts: set[str] = set()
-        self._work = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self.requests: dict[str, RequestStream] = {}  # unfinished, by the client's request id
+        self.metrics = EngineMetrics(model_name, self.snapshot)
+        self._tasks: list[asyncio.Task] = []
+
+    # -- lifecycle
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="llmexec-engine")
+        """Start one step loop per replica (call recover() first after a restart)."""
+        self._tasks = [asyncio.create_task(self._run(r), name=f"llmexec-step-{r.address}") for r in self.replicas]
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
+        self.metrics.close()
+
+    def recover(self) -> int:
+        """Reload every unfinished sequence from Redis and queue it again, with nothing
+        computed. Returns how many. Their clients reconnect with resume()."""
+        by_group: dict[str, list[Sequence]] = defaultdict(list)
+        for seq in self.store.load_active():
+            by_group[seq.group_id].append(seq)
+        recovered = []
+        for group_id, active in by_group.items():
+            seqs = self.store.load_request(group_id) if active[0].sampling_params.n > 1 else active
+            seqs = sorted({s.request_id: s for s in seqs + active}.values(), key=lambda s: s.index)
+            unfinished = [s for s in seqs if not s.is_finished]
+            replica = choose_replica(self.replicas, unfinished[0], len(unfinished), force=True)
+            for seq in unfinished:
+                seq.block_table, seq.num_computed_tokens = [], 0
+                replica.scheduler.add(seq, force=True)
+                replica.num_routed += 1
+            self.requests[group_id] = RequestStream(
+                group_id, [Completion.start(s, self.tokenizer) for s in seqs], replica
+            )
+            recovered += unfinished
+        self.store.save_step(recovered)
+        self.metrics.recovered.inc(len(recovered))
+        for replica in self.replicas:
+            replica.work.set()
+        if recovered:
+            log.info("recovered %d unfinished sequences of %d requests from Redis", len(recovered), len(by_group))
+        return len(recovered)
+
+    # -- what request handlers call
+
+    def add(self, seqs: list[Sequence]) -> asyncio.Queue:
+        """Queue a request's completions (validated sequences sharing one group_id);
+        returns the queue their StreamChunks arrive on, END after the last."""
+        group_id = seqs[0].group_id
+        if group_id in self.requests:
+            raise InvalidArgumentError(f"request_id {group_id!r} is already in flight")
+        replica = choose_replica(self.replicas, seqs[0], len(seqs))
+        added = []
+        try:
+            for seq in seqs:
+                replica.scheduler.add(seq)  # validates before anything is recorded
+                added.append(seq)
+            self.store.save_step(seqs)
+        except Exception:
+            for seq in added:
+                replica.scheduler.abort(seq.request_id)
+            raise
+        replica.num_routed += len(seqs)
+        stream = RequestStream(group_id, [Completion.start(s, self.tokenizer) for s in seqs], replica)
+        queue: asyncio.Queue = asyncio.Queue()
+        stream.subscribers.append(queue)
+        self.requests[group_id] = stream
+        self.metrics.prompt_tokens.inc(sum(s.num_prompt_tokens for s in seqs))
+        replica.work.set()
+        return queue
+
+    def resume(self, group_id: str, offset: int) -> tuple[list[StreamChunk], asyncio.Queue | None]:
+        """The chunks of a request from output token `offset` on, and, while it runs,
+        a queue of the chunks to come (None once it has finished)."""
+        if offset < 0:
+            raise InvalidArgumentError(f"offset must be >= 0, got {offset}")
+        stream = self.requests.get(group_id)
+        if stream is not None:
+            completions = stream.completions
+        else:
+            seqs = self.store.load_request(group_id)
+            if not seqs:
+                raise NotFoundError(f"no request {group_id!r} is running or finished within the last hour")
+            if not all(s.is_finished for s in seqs):
+                raise UnavailableError(f"request {group_id!r} is being recovered; retry shortly")
+            completions = [Completion.start(s, self.tokenizer) for s in seqs]
+        generated = max(c.num_delivered for c in completions)
+        if offset > generated:
+            raise InvalidArgumentError(f"offset {offset} is past the {generated} tokens generated so far")
+        chunks = [c.chunk_from(offset) for c in completions]
+        self.metrics.resumed.inc()
+        if stream is None:
+            return chunks, None
+        queue: asyncio.Queue = asyncio.Queue()
+        stream.subscribers.append(queue)  # no await since the snapshot: nothing is missed
+        return chunks, queue
+
+    def unsubscribe(self, group_id: str, queue: asyncio.Queue) -> None:
+        stream = self.requests.get(group_id)
+        if stream is not None and queue in stream.subscribers:
+            stream.subscribers.remove(queue)
+
+    def abort(self, group_id: str) -> None:
+        """Finish a request whose client went away and free its blocks.
+
+        Safe while a step runs: its blocks are only reused by the next schedule(),
+        after that step has returned, and update() skips finished sequences."""
+        stream = self.requests.pop(group_id, None)
+        if stream is None:
+            return
+        aborted = [s for s in (stream.replica.scheduler.abort(c.seq.request_id) for c in stream.completions) if s]
+        try:
+            self.store.save_step(aborted)
+        except redis.RedisError as exc:
+            log.error("could not record the abort of %s: %s", group_id, exc)
+        for completion in stream.completions:
+            if completion.seq in aborted:
+                chunk = StreamChunk(index=completion.seq.index)
+                completion.finish(chunk)
+                stream.publish(chunk)
+        stream.publish(END)
+
+    # -- state, for GetServerInfo and metrics
 
     @property
     def in_flight(self) -> int:
-        return len(self._outputs)
+        return len(self.requests)
 
-    def add(self, seq: Sequence) -> asyncio.Queue:
-        """Queue a validated sequence; returns the queue its StreamChunks arrive on."""
-        self.scheduler.add(seq)  # validates: raises before anything else is recorded
-        queue: asyncio.Queue = asyncio.Queue()
-        self._outputs[seq.request_id] = queue
-        if self.tokenizer is not None:
-            self._detokenizers[seq.request_id] = IncrementalDetokenizer(
-                self.tokenizer.decode, seq.prompt_token_ids, stop=tuple(seq.sampling_params.stop)
-            )
-        try:
-            self.store.save(seq)
-        except Exception:
-            self.scheduler.abort(seq.request_id)
-            self._forget(seq.request_id)
-            raise
-        self._work.set()
-        return queue
+    @property
+    def num_running(self) -> int:
+        return sum(r.scheduler.num_running for r in self.replicas)
 
-    def abort(self, request_id: str) -> None:
-        """Forget a request whose client went away; takes effect before the next step."""
-        if request_id in self._outputs:
-            self._pending_aborts.add(request_id)
-            self._work.set()
+    @property
+    def num_waiting(self) -> int:
+        return sum(r.scheduler.num_waiting for r in self.replicas)
 
-    async def _run(self) -> None:
+    def snapshot(self) -> dict:
+        return {
+            "running": self.num_running,
+            "waiting": self.num_waiting,
+            "runners": [
+                {
+                    "address": r.address,
+                    "healthy": 1.0 if r.healthy else 0.0,
+                    "num_blocks": r.block_manager.num_blocks,
+                    "used_blocks": r.block_manager.num_used_blocks,
+                    "free_blocks": r.block_manager.num_free_blocks,
+                    "running": r.scheduler.num_running,
+                    "waiting": r.scheduler.num_waiting,
+                    "routed": r.num_routed,
+                    "hits": r.num_hit_tokens,
+                    "queries": r.num_queried_tokens,
+                    "preemptions": r.scheduler.num_preemptions,
+                    "recoveries": r.num_recoveries,
+                }
+                for r in self.replicas
+            ],
+        }
+
+    # -- the step loop
+
+    async def _run(self, replica: Replica) -> None:
+        scheduler = replica.scheduler
         while True:
-            self._apply_aborts()
-            if not self.scheduler.has_unfinished():
-                self._work.clear()
-                await self._work.wait()
+            if not replica.healthy:
+                await replica.wait_for_runner()
                 continue
-            scheduled = self.scheduler.schedule()
-            if scheduled is None:
+            if not scheduler.has_unfinished():
+                replica.work.clear()
+                await replica.work.wait()
+                continue
+            step = scheduler.schedule()
+            if step is None:
                 # Nothing fits this step (should not happen with a validated
                 # prompt); yield so aborts and new requests can arrive.
                 await asyncio.sleep(0.005)
                 continue
+            step.step_input.runner_instance_id = replica.instance_id
+            started = time.perf_counter()
             try:
-                sampled = await self.execute_step(scheduled.step_input)
-            except Exception as exc:  # the runner failed: fail this step's requests, keep serving
-                log.error("step failed: %s", exc)
-                self._fail(scheduled.sequences, exc)
+                output = await replica.client.execute(step.step_input)
+            except RunnerLost as exc:
+                log.warning("%s; recomputing its sequences", exc)
+                await self._runner_lost(replica)
                 continue
-            touched = self.scheduler.update(scheduled, sampled)
-            self._emit(touched)
-            # Preempted sequences lost their blocks; Redis must say so too.
-            self.store.save_step(touched + scheduled.preempted)
+            except Exception as exc:  # noqa: BLE001 - the runner refused the step: fail its requests, keep serving
+                log.error("step failed on %s: %s", replica.address, exc)
+                self._fail(step, exc)
+                continue
+            touched = scheduler.update(step, output)
+            chunks = self._texts_and_stops(replica, touched)
+            await self._save(step.sequences + step.preempted)
+            self._deliver(chunks)
+            self._observe_step(replica, step, time.perf_counter() - started)
 
-    def _emit(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
-            queue = self._outputs.get(seq.request_id)
-            if queue is None:
+    def _texts_and_stops(self, replica: Replica, touched: list[Sequence]) -> list[tuple[RequestStream, StreamChunk]]:
+        """Each touched sequence's new token as a chunk: its text, stop strings
+        (which finish the sequence), timings."""
+        now = time.time()
+        chunks = []
+        for seq in touched:
+            stream = self.requests.get(seq.group_id)
+            if stream is None:
                 continue
-            new_token = seq.output_token_ids[-1:]
-            chunk = StreamChunk(token_ids=list(new_token))
-            detok = self._detokenizers.get(seq.request_id)
-            if detok is not None:
-                chunk.text = detok.add(new_token)
-                if detok.stopped and not seq.is_finished:
-                    self.scheduler.finish(seq.request_id, "stop")
+            completion = stream.completions[seq.index]
+            token_id = seq.output_token_ids[-1]
+            detok = completion.detokenizer
+            text = completion.text_of(token_id, seq.num_output_tokens, final=seq.is_finished)
+            if detok is not None and detok.stopped:
+                replica.scheduler.finish(seq.request_id, "stop")  # also turns a "length" finish into "stop"
+            completion.texts.append(text)
+            chunk = StreamChunk(index=seq.index, token_ids=[token_id], text=text,
+                                logprobs=seq.output_logprobs[-1:] if seq.sampling_params.logprobs is not None else [])
+            self._observe_token(completion, now)
             if seq.is_finished:
-                if detok is not None and not detok.stopped:
-                    chunk.text += detok.flush()
-                chunk.finish_reason = seq.finish_reason
-                chunk.prompt_tokens = len(seq.prompt_token_ids)
-                chunk.completion_tokens = len(seq.output_token_ids)
-                self._forget(seq.request_id)
-            queue.put_nowait(chunk)
+                completion.finish(chunk)
+                self.metrics.e2e.observe(now - seq.arrival_time)
+                self.metrics.request_success.labels(self.metrics.model_name, seq.finish_reason).inc()
+            chunks.append((stream, chunk))
+        return chunks
 
-    def _apply_aborts(self) -> None:
-        for request_id in self._pending_aborts:
-            seq = self.scheduler.abort(request_id)
-            if seq is not None:
-                self.store.save_step([seq])
-            self._forget(request_id)
-        self._pending_aborts.clear()
+    def _deliver(self, chunks: list[tuple[RequestStream, StreamChunk]]) -> None:
+        done = []
+        for stream, chunk in chunks:
+            stream.completions[chunk.index].num_delivered += len(chunk.token_ids)
+            stream.publish(chunk)
+            if chunk.finish_reason is not None and stream.finished:
+                done.append(stream)
+        for stream in done:
+            stream.publish(END)
+            self.requests.pop(stream.group_id, None)
 
-    def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
+    async def _save(self, seqs: list[Sequence]) -> None:
+        """Store the sequences' changes; on a Redis error, retry until it takes them."""
+        while True:
+            started = time.perf_counter()
+            try:
+                self.store.save_step(seqs)
+                self.metrics.store_seconds.observe(time.perf_counter() - started)
+                return
+            except redis.RedisError as exc:
+                log.error("Redis write failed (%s); the step's tokens wait until it is back", exc)
+                await asyncio.sleep(STORE_RETRY_S)
+
+    async def _runner_lost(self, replica: Replica) -> None:
+        replica.healthy = False
+        replica.num_recoveries += 1
+        preempted = replica.scheduler.reset()
+        others = [r for r in self.replicas if r is not replica and r.healthy]
+        if others:
+            self._move_all(replica, others)
+        await self._save(preempted)
+
+    def _move_all(self, source: Replica, targets: list[Replica]) -> None:
+        """Route source's sequences (holding no blocks) to the other replicas."""
+        by_group: dict[str, list[Sequence]] = defaultdict(list)
+        for seq in source.scheduler.remove_all():
+            by_group[seq.group_id].append(seq)
+        for group_id, seqs in by_group.items():
+            target = choose_replica(targets, seqs[0], len(seqs), force=True)
+            for seq in seqs:
+                target.scheduler.add(seq, force=True)
+            target.num_routed += len(seqs)
+            stream = self.requests.get(group_id)
+            if stream is not None:
+                stream.replica = target
+            target.work.set()
+
+    def _fail(self, step: ScheduledStep, exc: Exception) -> None:
         error = UnavailableError(f"the runner failed to execute a step: {exc}")
-        for seq in seqs:
-            self.scheduler.abort(seq.request_id)
-            self.store.save_step([seq])
-            queue = self._outputs.get(seq.request_id)
-            if queue is not None:
-                queue.put_nowait(error)
-            self._forget(seq.request_id)
+        for group_id in {seq.group_id for seq in step.sequences}:
+            stream = self.requests.pop(group_id, None)
+            if stream is None:
+                continue
+            aborted = [s for s in (stream.replica.scheduler.abort(c.seq.request_id) for c in stream.completions) if s]
+            self.store.save_step(aborted)
+            stream.publish(error)
 
-    def _forget(self, request_id: str) -> None:
-        self._outputs.pop(request_id, None)
-        self._detokenizers.pop(request_id, None)
+    def _observe_token(self, completion: Completion, now: float) -> None:
+        self.metrics.generation_tokens.inc()
+        if completion.last_token_time is not None:
+            self.metrics.itl.observe(now - completion.last_token_time)
+        elif completion.seq.num_output_tokens == 1:  # not a sequence recovered mid-generation
+            self.metrics.ttft.observe(now - completion.seq.arrival_time)
+        completion.last_token_time = now
+
+    def _observe_step(self, replica: Replica, step: ScheduledStep, seconds: float) -> None:
+        m = self.metrics
+        m.step_seconds.observe(seconds)
+        m.step_tokens.observe(step.num_tokens)
+        bm = replica.block_manager
+        m.kv_slots_allocated.inc(bm.num_used_blocks * bm.block_size)
+        m.kv_slots_empty.inc(bm.num_empty_slots(replica.scheduler.running))

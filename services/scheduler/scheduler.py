@@ -1,29 +1,38 @@
-"""Continuous batching: which tokens of which sequences run in the next step.
+"""One token budget per step: which tokens of which sequences run next.
 
-Every step mixes the decode token of each running sequence with as many whole
-waiting prompts as fit the token budget, max_num_seqs and the free KV blocks.
-When a running sequence cannot get a block for its next token, the newest
-running sequence is preempted by recompute: its blocks are freed and it goes
-back to the front of the waiting queue, to be prefilled again (prompt and the
-outputs so far) later.
+In the manner of vLLM's v1 scheduler, a step is not "prefill" or "decode": each
+scheduled sequence contributes num_tokens - num_computed_tokens tokens, cut to
+what is left of max_num_batched_tokens. Running sequences go first, decodes
+before unfinished prompt chunks, so a long prompt never starves the decodes
+(max_num_batched_tokens >= max_num_seqs leaves one token for each). Waiting
+sequences are then admitted in (priority, arrival) order while the budget,
+max_num_seqs and the free blocks allow, each first taking the longest prefix
+of full blocks the prefix cache holds. A prompt longer than the budget runs in
+chunks over several steps; only its last chunk samples a token.
+
+When a running sequence cannot get the blocks it needs, the running sequence
+with the lowest priority (the highest value), newest first among equals, is
+preempted by recompute: its blocks are released (their cached full blocks may
+serve it again) and it goes back to the waiting queue, in its old place.
 
 The caller's loop:
     step = scheduler.schedule()        # None when nothing can run
-    sampled = runner.execute(step.step_input)
-    for seq in scheduler.update(step, sampled): stream seq's new token
+    output = runner.execute(step.step_input)
+    for seq in scheduler.update(step, output): stream seq's new token
 Stop strings are text: the caller detects them and calls finish(id, "stop").
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from llmexec.errors import InvalidArgumentError
+from llmexec.errors import InvalidArgumentError, ResourceExhaustedError
 from llmexec.scheduler.block_manager import BlockManager
 from llmexec.scheduler.sequence import FINISHED_STATUS, Sequence, SequenceStatus
-from llmexec.step import SequenceInput, StepInput
+from llmexec.step import SequenceInput, StepInput, StepOutput
 
 
 @dataclass
@@ -37,6 +46,11 @@ class ScheduledStep:
         return self.step_input.num_tokens
 
 
+def queue_key(seq: Sequence) -> tuple:
+    """Who is served first: lower priority value, then earlier arrival."""
+    return (seq.priority, seq.arrival_time, seq.admission_no)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -46,7 +60,10 @@ class Scheduler:
         max_num_batched_tokens: int = 8192,
         max_model_len: int,
         eos_token_ids: Iterable[int] = (),
+        max_num_waiting: int = 0,
     ):
+        """max_num_waiting: add() refuses with ResourceExhaustedError past this many
+        waiting sequences; 0 means no limit."""
         if max_num_seqs <= 0:
             raise InvalidArgumentError(f"max_num_seqs must be > 0, got {max_num_seqs}")
         if max_num_batched_tokens < max_num_seqs:
@@ -61,16 +78,21 @@ class Scheduler:
                 f"({block_manager.num_blocks} blocks x {block_manager.block_size} tokens); "
                 "lower max_model_len or give the cache more blocks"
             )
+        if max_num_waiting < 0:
+            raise InvalidArgumentError(f"max_num_waiting must be >= 0 (0: no limit), got {max_num_waiting}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.max_num_waiting = max_num_waiting
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.waiting: deque[Sequence] = deque()
-        self.running: deque[Sequence] = deque()  # oldest first
+        self.waiting: list[Sequence] = []  # sorted by queue_key
+        self.running: list[Sequence] = []  # in admission order
         self.seqs: dict[str, Sequence] = {}  # unfinished, by request_id
         self.num_preemptions = 0
+        self._admission_counter = itertools.count(1)
         self._finished_by_update: dict[str, Sequence] = {}
+        self._runner_forget: list[str] = []  # histories the runner may drop, sent with the next step
 
     @property
     def num_waiting(self) -> int:
@@ -86,8 +108,20 @@ class Scheduler:
     def get(self, request_id: str) -> Sequence | None:
         return self.seqs.get(request_id)
 
-    def add(self, seq: Sequence) -> None:
-        """Queue seq (status WAITING, no blocks) behind the other waiting ones."""
+    def check_room(self, num_new: int = 1) -> None:
+        """Raise ResourceExhaustedError if num_new more waiting sequences would pass the limit."""
+        if self.max_num_waiting and len(self.waiting) + num_new > self.max_num_waiting:
+            raise ResourceExhaustedError(
+                f"the waiting queue is full ({len(self.waiting)} requests wait, limit {self.max_num_waiting}); "
+                "retry later"
+            )
+
+    def add(self, seq: Sequence, *, force: bool = False) -> None:
+        """Queue seq (status WAITING, no blocks) in (priority, arrival) order.
+
+        Raises ResourceExhaustedError when the waiting queue is full, unless
+        force (sequences recovered after a restart are not refused).
+        """
         if seq.request_id in self.seqs:
             raise InvalidArgumentError(f"request_id {seq.request_id!r} is already in flight")
         if not seq.prompt_token_ids:
@@ -97,9 +131,12 @@ class Scheduler:
                 f"the prompt has {seq.num_tokens} tokens; max_model_len {self.max_model_len} "
                 "leaves no room to generate"
             )
+        if not force:
+            self.check_room()
         seq.status = SequenceStatus.WAITING
+        seq.admission_no = next(self._admission_counter)
         self.seqs[seq.request_id] = seq
-        self.waiting.append(seq)
+        bisect.insort(self.waiting, seq, key=queue_key)
 
     def abort(self, request_id: str) -> Sequence | None:
         """Finish a request as aborted and free its blocks; None if unknown or finished."""
@@ -123,133 +160,178 @@ class Scheduler:
                 seq.status = status
                 return seq
             return None
-        self._finish(seq, status)
-        if seq in self.waiting:
+        if seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         else:
             self.running.remove(seq)
+        self._finish(seq, status)
         return seq
 
+    def remove_all(self) -> list[Sequence]:
+        """Take every unfinished sequence out (blocks released, nothing computed), oldest first."""
+        seqs = sorted(self.seqs.values(), key=queue_key)
+        for seq in seqs:
+            self._release(seq)
+            seq.status = SequenceStatus.WAITING
+        self.waiting.clear()
+        self.running.clear()
+        self.seqs.clear()
+        return seqs
+
+    def reset(self) -> list[Sequence]:
+        """The runner lost its KV cache: every running sequence goes back to waiting
+        to be recomputed, and the prefix cache is forgotten. Returns those preempted."""
+        preempted = sorted(self.running, key=queue_key)
+        for seq in preempted:
+            self._preempt(seq)
+        self.block_manager.reset_prefix_cache()
+        self._runner_forget.clear()
+        return preempted
+
     def schedule(self) -> ScheduledStep | None:
-        """The next step: running decodes first, then new prefills; None if nothing fits."""
-        decodes, preempted = self._schedule_decodes()
+        """The next step under one token budget; None if nothing can run."""
+        budget = self.max_num_batched_tokens
+        scheduled: dict[Sequence, int] = {}  # sequence -> tokens it computes this step
+        preempted: list[Sequence] = []
+        # Decodes first, then unfinished prompt chunks; by priority and age within each.
+        order = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed_tokens > 1, queue_key(s)))
+        for seq in order:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new <= 0:
+                continue
+            while not self.block_manager.allocate_slots(seq, num_new):
+                victim = max(self.running, key=queue_key)
+                if victim in scheduled:
+                    budget += scheduled.pop(victim)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled[seq] = num_new
+                budget -= num_new
         # Admitting prompts right after a preemption would only thrash.
-        prefills = [] if preempted else self._schedule_prefills(num_batched_tokens=len(decodes))
-        scheduled = decodes + prefills
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self.block_manager.computed_prefix(seq)
+            num_new = min(seq.num_tokens - len(hits) * self.block_manager.block_size, budget)
+            if not self.block_manager.allocate_slots(seq, num_new, hits):
+                break
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled[seq] = num_new
+            budget -= num_new
         if not scheduled:
             return None
-        return ScheduledStep(step_input=self._build_step_input(scheduled), sequences=scheduled, preempted=preempted)
+        return ScheduledStep(
+            step_input=self._build_step_input(scheduled), sequences=list(scheduled), preempted=preempted
+        )
 
-    def update(self, step: ScheduledStep, sampled_token_ids: list[int]) -> list[Sequence]:
-        """Append each scheduled sequence's sampled token and apply token-level stops.
+    def update(self, step: ScheduledStep, output: StepOutput | list[int]) -> list[Sequence]:
+        """Record what the step computed; append each sampled token and apply token-level stops.
 
-        Finished sequences release their blocks. Returns the sequences that got a
-        token, finished ones included (see finish_reason); sequences aborted
-        while the step ran are skipped.
+        output holds one token per sequence with needs_sample, in order (a plain
+        list of token ids is accepted too). Finished sequences release their
+        blocks. Returns the sequences that got a token, finished ones included
+        (see finish_reason); sequences aborted while the step ran are skipped.
         """
-        if len(sampled_token_ids) != len(step.sequences):
+        if isinstance(output, list):
+            output = StepOutput(sampled_token_ids=output)
+        inputs = step.step_input.sequences
+        num_sampled = sum(1 for s in inputs if s.needs_sample)
+        if len(output.sampled_token_ids) != num_sampled:
             raise InvalidArgumentError(
-                f"got {len(sampled_token_ids)} sampled tokens for {len(step.sequences)} scheduled sequences"
+                f"got {len(output.sampled_token_ids)} sampled tokens for {num_sampled} sequences that sample"
             )
+        logprobs = output.logprobs or [None] * num_sampled
         self._finished_by_update = {}
         touched = []
-        for seq, token_id in zip(step.sequences, sampled_token_ids):
+        sample_index = 0
+        for seq, seq_input in zip(step.sequences, inputs):
+            if seq_input.needs_sample:
+                token_id, token_logprobs = int(output.sampled_token_ids[sample_index]), logprobs[sample_index]
+                sample_index += 1
             if seq.is_finished:
                 continue
-            seq.num_computed_tokens = seq.num_tokens  # the step wrote KV for every query token
-            seq.output_token_ids.append(int(token_id))
-            status = self._check_stop(seq, int(token_id))
+            seq.num_computed_tokens = seq_input.seq_len  # the step wrote KV for every query token
+            if not seq_input.needs_sample:
+                continue
+            seq.output_token_ids.append(token_id)
+            if seq.sampling_params.logprobs is not None and token_logprobs is not None:
+                seq.output_logprobs.append(token_logprobs)
+            status = self._check_stop(seq, token_id)
             if status is not None:
+                self.running.remove(seq)
                 self._finish(seq, status)
                 self._finished_by_update[seq.request_id] = seq
             touched.append(seq)
-        if self._finished_by_update:
-            self.running = deque(seq for seq in self.running if not seq.is_finished)
         return touched
 
-    def _schedule_decodes(self) -> tuple[list[Sequence], list[Sequence]]:
-        scheduled: list[Sequence] = []
-        preempted: list[Sequence] = []
-        while self.running:
-            seq = self.running.popleft()
-            while not self.block_manager.can_append(seq):
-                if self.running:
-                    victim = self.running.pop()  # the newest
-                    self._preempt(victim)
-                    preempted.append(victim)
-                else:
-                    self._preempt(seq)
-                    preempted.append(seq)
-                    break
-            else:
-                self.block_manager.may_append(seq)
-                scheduled.append(seq)
-        self.running.extend(scheduled)
-        return scheduled, preempted
-
-    def _schedule_prefills(self, num_batched_tokens: int) -> list[Sequence]:
-        scheduled: list[Sequence] = []
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            num_new_tokens = seq.num_tokens - seq.num_computed_tokens
-            # A prompt longer than the whole budget still runs, as the only
-            # prefill of its step (the running decodes ride along), until
-            # chunked prefill splits it.
-            fits = num_batched_tokens + num_new_tokens <= self.max_num_batched_tokens
-            oversized_alone = num_new_tokens > self.max_num_batched_tokens and not scheduled
-            if not (fits or oversized_alone):
-                break
-            if not self.block_manager.can_allocate(seq):
-                break
-            self.block_manager.allocate(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.waiting.popleft()
-            self.running.append(seq)
-            scheduled.append(seq)
-            num_batched_tokens += num_new_tokens
-        return scheduled
-
-    def _build_step_input(self, scheduled: list[Sequence]) -> StepInput:
+    def _build_step_input(self, scheduled: dict[Sequence, int]) -> StepInput:
         block_size = self.block_manager.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
         sequences: list[SequenceInput] = []
-        for seq in scheduled:
-            start, end = seq.num_computed_tokens, seq.num_tokens
+        for seq, num_new in scheduled.items():
+            start = seq.num_computed_tokens
+            end = start + num_new
             table = seq.block_table
-            input_ids.extend(seq.token_ids_from(start))
+            input_ids.extend(seq.token_ids_slice(start, end))
             positions.extend(range(start, end))
             slot_mapping.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
-            sequences.append(
-                SequenceInput(
-                    query_len=end - start,
-                    seq_len=end,
-                    block_table=list(table),
-                    needs_sample=True,
-                    sampling_params=seq.sampling_params,
-                    output_index=seq.num_output_tokens,
-                )
+            seq_input = SequenceInput(
+                query_len=num_new,
+                seq_len=end,
+                block_table=list(table),
+                needs_sample=end == seq.num_tokens,
+                sampling_params=seq.sampling_params,
+                output_index=seq.num_output_tokens,
             )
-        return StepInput(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping, sequences=sequences)
+            if seq.sampling_params.needs_token_history:
+                seq_input.seq_id = seq.request_id
+                if not seq.runner_has_history:
+                    seq_input.context_token_ids = seq.token_ids_slice(0, start)
+                    seq.runner_has_history = True
+            sequences.append(seq_input)
+        forget, self._runner_forget = self._runner_forget, []
+        return StepInput(
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            sequences=sequences,
+            finished_seq_ids=forget,
+            eos_token_ids=sorted(self.eos_token_ids),
+        )
 
     def _check_stop(self, seq: Sequence, token_id: int) -> SequenceStatus | None:
         params = seq.sampling_params
-        if token_id in self.eos_token_ids and not params.ignore_eos:
-            return SequenceStatus.FINISHED_STOPPED
-        if token_id in params.stop_token_ids:
-            return SequenceStatus.FINISHED_STOPPED
+        if seq.num_output_tokens > params.min_tokens:  # the runner masks them before that
+            if token_id in self.eos_token_ids and not params.ignore_eos:
+                return SequenceStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                return SequenceStatus.FINISHED_STOPPED
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return SequenceStatus.FINISHED_LENGTH
         return None
 
     def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.deallocate(seq)  # also resets num_computed_tokens: recompute all
+        self.running.remove(seq)
+        self._release(seq)  # also resets num_computed_tokens: recompute all
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        bisect.insort(self.waiting, seq, key=queue_key)
         self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        if seq.runner_has_history:
+            self._runner_forget.append(seq.request_id)
+            seq.runner_has_history = False
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
         seq.status = status
-        self.block_manager.deallocate(seq)
+        self._release(seq)
         del self.seqs[seq.request_id]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
 from llmexec.errors import InvalidArgumentError
-from llmexec.rpc.codec import sampling_from_pb
+from llmexec.rpc.codec import logprobs_to_pb, sampling_from_pb
 from llmexec.scheduler.engine import Engine
-from llmexec.scheduler.sequence import Sequence
+from llmexec.scheduler.request_state import END, StreamChunk
+from llmexec.scheduler.sequence import COMPLETION_SEPARATOR, Sequence, completion_id
 from llmexec.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 FINISH_REASONS = {
@@ -16,6 +18,31 @@ FINISH_REASONS = {
     "length": scheduler_pb2.FINISH_REASON_LENGTH,
     "abort": scheduler_pb2.FINISH_REASON_CANCELLED,
 }
+
+
+def chunk_to_pb(chunk: StreamChunk, request_id: str = "") -> scheduler_pb2.GenerateResponse:
+    return scheduler_pb2.GenerateResponse(
+        request_id=request_id,
+        token_ids=chunk.token_ids,
+        text=chunk.text,
+        finish_reason=FINISH_REASONS.get(chunk.finish_reason or "", 0),
+        prompt_tokens=chunk.prompt_tokens,
+        completion_tokens=chunk.completion_tokens,
+        index=chunk.index,
+        logprobs=[logprobs_to_pb(lp) for lp in chunk.logprobs],
+        cached_prompt_tokens=chunk.cached_prompt_tokens,
+    )
+
+
+async def next_items(queue: asyncio.Queue):
+    """The queue's StreamChunks until END; an exception put on it is raised."""
+    while True:
+        item = await queue.get()
+        if item is END:
+            return
+        if isinstance(item, Exception):
+            raise item
+        yield item
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -56,48 +83,90 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             )
         return ids
 
-    async def Generate(self, request, context):
+    def sequences(self, request: scheduler_pb2.GenerateRequest) -> list[Sequence]:
+        """The request's n completions as sequences sharing its prompt."""
         params = sampling_from_pb(request.sampling_params)
-        seq = Sequence(
-            request_id=request.request_id or uuid.uuid4().hex,
-            prompt_token_ids=self.prompt_token_ids(request),
-            sampling_params=params,
-            arrival_time=time.time(),
-        )
-        outputs = self.engine.add(seq)
+        group_id = request.request_id or uuid.uuid4().hex
+        if COMPLETION_SEPARATOR in group_id:
+            raise InvalidArgumentError(f"request_id may not contain {COMPLETION_SEPARATOR!r}")
+        prompt = self.prompt_token_ids(request)
+        arrival = time.time()
+        return [
+            Sequence(
+                request_id=completion_id(group_id, i, params.n),
+                prompt_token_ids=list(prompt),
+                sampling_params=params.for_completion(i),
+                arrival_time=arrival,
+                priority=request.priority,
+                group_id=group_id,
+                index=i,
+            )
+            for i in range(params.n)
+        ]
+
+    async def Generate(self, request, context):
+        seqs = self.sequences(request)
+        group_id = seqs[0].group_id
+        outputs = self.engine.add(seqs)
         finished = False
         first = True
         try:
-            while not finished:
-                chunk = await outputs.get()
-                if isinstance(chunk, Exception):
-                    raise chunk
-                finished = chunk.finish_reason is not None
-                yield scheduler_pb2.GenerateResponse(
-                    request_id=seq.request_id if first else "",
-                    token_ids=chunk.token_ids,
-                    text=chunk.text,
-                    finish_reason=FINISH_REASONS.get(chunk.finish_reason or "", 0),
-                    prompt_tokens=chunk.prompt_tokens,
-                    completion_tokens=chunk.completion_tokens,
-                )
+            async for chunk in next_items(outputs):
+                yield chunk_to_pb(chunk, group_id if first else "")
                 first = False
+            finished = True
         finally:
             # Reached on cancellation, disconnect or deadline too: free the blocks.
             if not finished:
-                self.engine.abort(seq.request_id)
+                self.engine.abort(group_id)
+
+    async def ResumeGenerate(self, request, context):
+        if not request.request_id:
+            raise InvalidArgumentError("request_id is required")
+        backlog, queue = self.engine.resume(request.request_id, request.offset)
+        try:
+            for chunk in backlog:
+                yield _as_resume(chunk_to_pb(chunk, request.request_id))
+            if queue is not None:
+                async for chunk in next_items(queue):
+                    yield _as_resume(chunk_to_pb(chunk, request.request_id))
+        finally:
+            # A resumed stream that goes away leaves the request running: another may resume it.
+            if queue is not None:
+                self.engine.unsubscribe(request.request_id, queue)
 
     async def GetServerInfo(self, request, context):
-        sched = self.engine.scheduler
+        runners = self.engine.snapshot()["runners"]
+        first = self.engine.replicas[0].block_manager
         return scheduler_pb2.GetServerInfoResponse(
             model_id=self.model_id,
             architecture=self.architecture,
             max_model_len=self.max_model_len,
             vocab_size=self.vocab_size,
-            block_size=sched.block_manager.block_size,
-            num_blocks=sched.block_manager.num_blocks,
-            free_blocks=sched.block_manager.num_free_blocks,
-            running_requests=sched.num_running,
-            waiting_requests=sched.num_waiting,
+            block_size=first.block_size,
+            num_blocks=sum(r["num_blocks"] for r in runners),
+            free_blocks=sum(r["free_blocks"] for r in runners),
+            running_requests=self.engine.num_running,
+            waiting_requests=self.engine.num_waiting,
             has_tokenizer=self.engine.tokenizer is not None,
+            runners=[
+                scheduler_pb2.RunnerStatus(
+                    address=r["address"],
+                    healthy=bool(r["healthy"]),
+                    num_blocks=r["num_blocks"],
+                    free_blocks=r["free_blocks"],
+                    running_requests=r["running"],
+                    waiting_requests=r["waiting"],
+                    routed_sequences=r["routed"],
+                    prefix_cache_hit_tokens=r["hits"],
+                    prefix_cache_query_tokens=r["queries"],
+                )
+                for r in runners
+            ],
+            metrics_port=self.engine.metrics.port,
         )
+
+
+def _as_resume(reply: scheduler_pb2.GenerateResponse) -> scheduler_pb2.ResumeGenerateResponse:
+    # The two messages share field names and numbers: the bytes of one parse as the other.
+    return scheduler_pb2.ResumeGenerateResponse.FromString(reply.SerializeToString())

@@ -1,15 +1,31 @@
 """Every sequence's state, kept in Redis so it survives the scheduler.
 
-Keys, for prefix P and request id R:
-    P:seq:R       hash: request_id, prompt_token_ids (JSON), sampling_params (JSON),
-                  status, block_table (JSON), num_computed_tokens, arrival_time
-    P:seq:R:out   list: the generated token ids, in order (RPUSHed as they come)
-    P:active      set: the request ids of unfinished sequences
-Finished sequences leave the active set and their keys expire after
-finished_ttl_s, so clients can still look them up for a while.
+Key schema (prefix P, default "llmexec"; R is a sequence's request_id, which
+is the client's request id G when it asked for one completion, else G#i for
+completion i of n):
 
-The per-step update is one pipelined MULTI/EXEC round trip for all sequences
-of the step, whatever their number.
+    P:seq:R            hash, written whole when the sequence is first saved:
+                         request_id, group_id (G), index (i), priority,
+                         prompt_token_ids (JSON list), sampling_params (JSON
+                         object, SamplingParams.to_dict()), arrival_time (unix s),
+                       and on every step that touches it:
+                         status (waiting | running | finished_stopped |
+                         finished_length | finished_aborted), block_table (JSON),
+                         num_computed_tokens, num_cached_tokens
+    P:seq:R:out        list: the generated token ids, in order (RPUSHed as they come)
+    P:seq:R:logprobs   list: one JSON TokenLogprobs per generated token, only when
+                       sampling_params.logprobs is set
+    P:active           set: the request ids of unfinished sequences
+
+Finished sequences leave the active set and their keys expire after
+finished_ttl_s (an hour), so clients can still resume them for a while.
+block_table and num_computed_tokens describe the KV cache of the scheduler
+that wrote them; a restarted scheduler recomputes from the tokens instead.
+
+Durability: the engine saves a step's changes before any client sees them,
+all sequences of the step in one pipelined MULTI/EXEC round trip, whatever
+their number, so what a client has received is always in Redis. Against a
+Redis with appendonly (the stack's), it survives Redis restarts too.
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from llmexec.scheduler.sequence import Sequence
+from llmexec.scheduler.sequence import Sequence, completion_id
 
 DEFAULT_FINISHED_TTL_S = 3600
 
@@ -43,6 +59,9 @@ class SequenceStore:
     def output_key(self, request_id: str) -> str:
         return f"{self.prefix}:seq:{request_id}:out"
 
+    def logprobs_key(self, request_id: str) -> str:
+        return f"{self.prefix}:seq:{request_id}:logprobs"
+
     def save(self, seq: Sequence) -> None:
         """Write seq's full record, replacing any earlier one."""
         pipe = self.redis.pipeline(transaction=True)
@@ -66,6 +85,9 @@ class SequenceStore:
             new_tokens = seq.output_token_ids[num_saved:]
             if new_tokens:
                 pipe.rpush(self.output_key(seq.request_id), *new_tokens)
+                new_logprobs = seq.output_logprobs[num_saved:]
+                if new_logprobs:
+                    pipe.rpush(self.logprobs_key(seq.request_id), *(json.dumps(lp.to_dict()) for lp in new_logprobs))
             pipe.hset(self.seq_key(seq.request_id), mapping=self._state_fields(seq))
             self._queue_lifetime(pipe, seq)
         pipe.execute()
@@ -73,18 +95,39 @@ class SequenceStore:
             self._remember(seq)
 
     def load(self, request_id: str) -> Sequence | None:
+        seqs = self.load_many([request_id])
+        return seqs[0] if seqs else None
+
+    def load_many(self, request_ids: list[str]) -> list[Sequence]:
+        """The stored ones of request_ids, in that order (one round trip)."""
+        if not request_ids:
+            return []
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(self.seq_key(request_id))
-        pipe.lrange(self.output_key(request_id), 0, -1)
-        fields, outputs = pipe.execute()
-        seq = self._to_sequence(fields, outputs)
-        if seq is not None:
+        for request_id in request_ids:
+            pipe.hgetall(self.seq_key(request_id))
+            pipe.lrange(self.output_key(request_id), 0, -1)
+            pipe.lrange(self.logprobs_key(request_id), 0, -1)
+        replies = pipe.execute()
+        seqs = [self._to_sequence(*replies[i : i + 3]) for i in range(0, len(replies), 3)]
+        seqs = [s for s in seqs if s is not None]
+        for seq in seqs:
             self._remember(seq)
-        return seq
+        return seqs
+
+    def load_request(self, group_id: str) -> list[Sequence]:
+        """Every completion of the client request group_id, by index; [] if unknown."""
+        single = self.load(group_id)
+        if single is not None:
+            return [single]
+        first = self.load(completion_id(group_id, 0, 2))
+        if first is None:
+            return []
+        n = first.sampling_params.n
+        return [first] + self.load_many([completion_id(group_id, i, n) for i in range(1, n)])
 
     def delete(self, request_id: str) -> None:
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(self.seq_key(request_id), self.output_key(request_id))
+        pipe.delete(self.seq_key(request_id), self.output_key(request_id), self.logprobs_key(request_id))
         pipe.srem(self.active_key, request_id)
         pipe.execute()
         self._num_saved_outputs.pop(request_id, None)
@@ -95,27 +138,19 @@ class SequenceStore:
 
     def load_active(self) -> list[Sequence]:
         """All unfinished sequences, oldest first (two round trips)."""
-        ids = sorted(self.active_ids())
-        if not ids:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for request_id in ids:
-            pipe.hgetall(self.seq_key(request_id))
-            pipe.lrange(self.output_key(request_id), 0, -1)
-        replies = pipe.execute()
-        seqs = [self._to_sequence(replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
-        seqs = sorted((s for s in seqs if s is not None), key=lambda s: s.arrival_time)
-        for seq in seqs:
-            self._remember(seq)
-        return seqs
+        return sorted(self.load_many(sorted(self.active_ids())), key=lambda s: s.arrival_time)
 
     def _queue_full_record(self, pipe, seq: Sequence) -> None:
-        key, out_key = self.seq_key(seq.request_id), self.output_key(seq.request_id)
-        pipe.delete(key, out_key)
+        key, out_key, lp_key = (self.seq_key(seq.request_id), self.output_key(seq.request_id),
+                                self.logprobs_key(seq.request_id))
+        pipe.delete(key, out_key, lp_key)
         pipe.hset(
             key,
             mapping={
                 "request_id": seq.request_id,
+                "group_id": seq.group_id,
+                "index": seq.index,
+                "priority": seq.priority,
                 "prompt_token_ids": json.dumps(seq.prompt_token_ids),
                 "sampling_params": json.dumps(seq.sampling_params.to_dict()),
                 "arrival_time": repr(seq.arrival_time),
@@ -124,10 +159,12 @@ class SequenceStore:
         )
         if seq.output_token_ids:
             pipe.rpush(out_key, *seq.output_token_ids)
+        if seq.output_logprobs:
+            pipe.rpush(lp_key, *(json.dumps(lp.to_dict()) for lp in seq.output_logprobs))
         self._queue_lifetime(pipe, seq)
 
     def _queue_lifetime(self, pipe, seq: Sequence) -> None:
-        keys = (self.seq_key(seq.request_id), self.output_key(seq.request_id))
+        keys = (self.seq_key(seq.request_id), self.output_key(seq.request_id), self.logprobs_key(seq.request_id))
         if seq.is_finished:
             pipe.srem(self.active_key, seq.request_id)
             for key in keys:
@@ -148,10 +185,11 @@ class SequenceStore:
             "status": seq.status.value,
             "block_table": json.dumps(seq.block_table),
             "num_computed_tokens": seq.num_computed_tokens,
+            "num_cached_tokens": seq.num_cached_tokens,
         }
 
     @staticmethod
-    def _to_sequence(fields: dict, outputs: list) -> Sequence | None:
+    def _to_sequence(fields: dict, outputs: list, logprobs: list = ()) -> Sequence | None:
         if not fields:
             return None
         fields = {_str(k): _str(v) for k, v in fields.items()}
@@ -165,5 +203,10 @@ class SequenceStore:
                 "block_table": json.loads(fields["block_table"]),
                 "num_computed_tokens": int(fields["num_computed_tokens"]),
                 "arrival_time": float(fields["arrival_time"]),
+                "priority": int(fields.get("priority", 0)),
+                "group_id": fields.get("group_id", ""),
+                "index": int(fields.get("index", 0)),
+                "num_cached_tokens": int(fields.get("num_cached_tokens", 0)),
+                "output_logprobs": [json.loads(_str(lp)) for lp in logprobs],
             }
         )

@@ -52,12 +52,15 @@ class EmbeddedRedis:
         appendonly: bool = False,
         detach: bool = False,
         executable: str | None = None,
+        password: str = "",
     ):
         self.requested_port = port
         self.port = port
         self.appendonly = appendonly
         self.detach = detach
         self.executable = executable or redis_server_executable()
+        # Set: clients must AUTH (redis.Redis.from_url(url, password=...)); `url` leaves it out.
+        self.password = password
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.process: subprocess.Popen | None = None
@@ -116,7 +119,9 @@ class EmbeddedRedis:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                 sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                reply = sock.recv(64)
+                # A password-protected server answers NOAUTH: it is up, which is all we ask.
+                return reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH")
         except OSError:
             return False
 
@@ -136,7 +141,7 @@ class EmbeddedRedis:
             "--appendonly", "yes" if self.appendonly else "no",
             "--daemonize", "no",
             "--logfile", str(self.log_path),
-        ]  # fmt: skip
+        ] + (["--requirepass", self.password] if self.password else [])  # fmt: skip
 
     def _wait_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

@@ -1,10 +1,17 @@
-"""One forward step's flattened batch, as plain Python.
+"""One forward step's flattened batch and its result, as plain Python.
 
 The scheduler builds a StepInput, the scheduler's runner client turns it into
 an ExecuteStepRequest, and the runner turns that back into a StepInput before
 making tensors. Tokens of all sequences are concatenated: sequence i owns
 rows [sum(query_len[:i]), sum(query_len[:i+1])) of input_ids, positions and
 slot_mapping.
+
+Token history on the runner: the penalties need every token a sequence has
+seen. The runner keeps that history per seq_id and extends it with each step's
+query tokens, so the scheduler sends a sequence's earlier tokens
+(context_token_ids) only on the first step the runner sees it (or sees it again
+after a preemption or a runner restart), and names the sequences to forget in
+finished_seq_ids.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ class SequenceInput:
     needs_sample: bool  # sample a token from this sequence's last row
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     output_index: int = 0  # tokens generated before this step (keys the seeded draw)
+    seq_id: str = ""  # keys the runner's token history; set when sampling needs the history
+    # The tokens at positions [0, seq_len - query_len), sent when the runner may not hold them.
+    context_token_ids: list[int] | None = None
 
 
 @dataclass
@@ -30,7 +40,37 @@ class StepInput:
     positions: list[int]
     slot_mapping: list[int]
     sequences: list[SequenceInput]
+    finished_seq_ids: list[str] = field(default_factory=list)  # histories the runner may drop
+    eos_token_ids: list[int] = field(default_factory=list)  # masked while a sequence is under min_tokens
+    runner_instance_id: str = ""  # the runner this step was planned for; "" skips the check
 
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
+
+
+@dataclass
+class TokenLogprobs:
+    """The log-probability of a sampled token under the model's raw distribution,
+    its rank there (1 = most likely), and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_token_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"t": self.token_id, "l": self.logprob, "r": self.rank, "ti": self.top_token_ids,
+                "tl": self.top_logprobs}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TokenLogprobs":
+        return cls(int(data["t"]), float(data["l"]), int(data["r"]), [int(t) for t in data["ti"]],
+                   [float(x) for x in data["tl"]])
+
+
+@dataclass
+class StepOutput:
+    sampled_token_ids: list[int]  # one per sequence with needs_sample, in order
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # aligned; None where not asked

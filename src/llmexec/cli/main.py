@@ -1,4 +1,4 @@
-"""The `llmexec` command: up, status, down, generate."""
+"""The `llmexec` command: up, status, down, generate, trace, inspect."""
 
 from __future__ import annotations
 
@@ -11,14 +11,22 @@ import grpc
 
 from llmexec.cli import stack
 from llmexec.cli.generate import build_request, stream
+from llmexec.cli.inspect import add_inspect_parser, cmd_inspect
+from llmexec.cli.trace import add_trace_parser, cmd_trace
 from llmexec.errors import LLMExecError
+from llmexec.loader.checkpoint import LOAD_FORMATS
+from llmexec.quantization import QUANTIZATION_HELP, QUANTIZATIONS
 
 
 def add_up_parser(sub) -> None:
     p = sub.add_parser("up", help="start Redis, loader, runner and scheduler on this machine (CPU)")
-    p.add_argument("--model", default="", help="HF folder or .gguf file (default: the bundled SmolLM2 demo)")
-    p.add_argument("--load-format", default="auto")
+    p.add_argument("--model", default="", help="HF folder, .gguf file, config.json (with --load-format dummy) or a "
+                   "model id in the local HF cache (default: the bundled SmolLM2 demo)")
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                   help="auto picks safetensors, then pt (.bin), then gguf; dummy makes random weights from the config")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantization", default="", choices=["", *QUANTIZATIONS], help=QUANTIZATION_HELP)
+    p.add_argument("--quantization-group-size", type=int, default=0, help="input columns per int4 scale (default 128)")
     p.add_argument("--redis-url", default="", help="use this Redis instead of starting an embedded one")
     p.add_argument("--scheduler-port", type=int, default=50051, help="0 picks a free port")
     p.add_argument("--loader-port", type=int, default=50052, help="0 picks a free port")
@@ -28,6 +36,12 @@ def add_up_parser(sub) -> None:
     p.add_argument("--num-blocks", type=int, default=0, help="KV cache blocks; 0 sizes from --kv-cache-gib")
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step (chunked prefill)")
+    p.add_argument("--max-queue-len", type=int, default=None,
+                   help="waiting requests before new ones get RESOURCE_EXHAUSTED (scheduler default 1024)")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="scheduler's Prometheus /metrics port (default: a free one, see GetServerInfo)")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for every service to serve")
     p.add_argument("--detach", action="store_true", help="return once serving; stop later with `llmexec down`")
 
@@ -121,13 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="show each service of the running stack, its address, pid and health")
     sub.add_parser("down", help="stop a detached stack")
     add_generate_parser(sub)
+    add_trace_parser(sub)
+    add_inspect_parser(sub)
     args = parser.parse_args(argv)
-    handlers = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "generate": cmd_generate}
+    handlers = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "generate": cmd_generate, "trace": cmd_trace,
+                "inspect": cmd_inspect}
     try:
         return handlers[args.command](args)
     except LLMExecError as exc:
         print(f"llmexec {args.command}: {exc}", file=sys.stderr)
         return 2
+    except grpc.RpcError as exc:
+        print(f"llmexec {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

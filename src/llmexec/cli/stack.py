@@ -120,15 +120,24 @@ def start_redis(port: int) -> ServiceRecord:
 def service_argv(name: str, port: int, records: dict[str, ServiceRecord], opts: dict) -> list[str]:
     py = [sys.executable, "-m", f"llmexec.{name}", "--host", "127.0.0.1", "--port", str(port)]
     if name == "loader":
-        return py + ["--model", opts["model"], "--dtype", opts["dtype"], "--load-format", opts["load_format"]]
+        return py + ["--model", opts["model"], "--dtype", opts["dtype"], "--load-format", opts["load_format"],
+                     "--quantization", opts.get("quantization", ""),
+                     "--quantization-group-size", str(opts.get("quantization_group_size", 0))]
     if name == "runner":
         argv = py + ["--loader", records["loader"].address, "--block-size", str(opts["block_size"]),
                      "--kv-cache-gib", str(opts["kv_cache_gib"])]
         if opts.get("num_blocks"):
             argv += ["--num-blocks", str(opts["num_blocks"])]
         return argv
-    return py + ["--runner", records["runner"].address, "--loader", records["loader"].address,
+    argv = py + ["--runner", records["runner"].address, "--loader", records["loader"].address,
                  "--redis-url", records["redis"].address, "--max-num-seqs", str(opts["max_num_seqs"])]
+    for flag, key in (("--max-num-batched-tokens", "max_num_batched_tokens"), ("--max-queue-len", "max_queue_len"),
+                      ("--metrics-port", "metrics_port")):
+        if opts.get(key) is not None:
+            argv += [flag, str(opts[key])]
+    if opts.get("no_prefix_caching"):
+        argv.append("--no-prefix-caching")
+    return argv
 
 
 def up(opts: dict) -> dict[str, ServiceRecord]:
@@ -137,8 +146,14 @@ def up(opts: dict) -> dict[str, ServiceRecord]:
     A service that is recorded, alive and SERVING is kept. Raises RuntimeError
     (with the failing service's log tail) when a service dies or never serves.
     """
-    records = {n: r for n, r in load_state().items() if r.alive()}
+    recorded = load_state()
+    records = {n: r for n, r in recorded.items() if r.alive()}
     ports = {"loader": opts["loader_port"], "runner": opts["runner_port"], "scheduler": opts["scheduler_port"]}
+    # A service that died comes back on its old port, so the services that talk to it
+    # (a scheduler to its runner) and clients (resuming their streams) find it again.
+    for name, rec in recorded.items():
+        if name in ports and name not in records and not ports[name]:
+            ports[name] = int(rec.address.rsplit(":", 1)[1])
     started: list[str] = []
     if "redis" not in records or (opts.get("redis_url") and records["redis"].address != opts["redis_url"]):
         if opts.get("redis_url"):

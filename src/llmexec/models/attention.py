@@ -39,6 +39,7 @@ class AttentionMetadata:
     block_size: int
     # All query_len == 1 sequences, attended to together in one padded batch:
     decode_query_rows: torch.Tensor  # [D] int64, their rows in the flattened batch
+    decode_seq_lens: torch.Tensor  # [D] int64, their seq_len: each decode query sits at position seq_len - 1
     decode_block_tables: torch.Tensor  # [D, N] int64, N blocks cover their longest seq_len; padded with 0
     decode_key_mask: torch.Tensor  # [D, 1, 1, N * block_size] bool, True where the position exists
     prefill_spans: list[PrefillSpan]
@@ -83,6 +84,7 @@ class AttentionMetadata:
             max_seq_len=max(seq_lens),
             block_size=block_size,
             decode_query_rows=torch.tensor([query_start_loc[i] for i in decodes], dtype=torch.int64, device=device),
+            decode_seq_lens=decode_seq_lens.to(device),
             decode_block_tables=block_tables[decodes, :decode_blocks].to(device, torch.int64),
             decode_key_mask=decode_key_mask.view(len(decodes), 1, 1, decode_len).to(device),
             prefill_spans=prefill_spans,
@@ -96,7 +98,17 @@ def _num_blocks(num_tokens: int, block_size: int) -> int:
 class Attention(nn.Module):
     """Writes this layer's K/V into its paged cache, then attends over the cache. No parameters."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        alibi_slopes: torch.Tensor | None = None,
+        sliding_window: int | None = None,
+    ) -> None:
+        """alibi_slopes: [num_heads] float32 for ALiBi models (BLOOM), which have no rotary.
+        sliding_window: W for layers whose queries see only the last W positions (Mistral), else None."""
         super().__init__()
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -104,6 +116,8 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
+        self.sliding_window = sliding_window
 
     def forward(
         self,
@@ -120,5 +134,13 @@ class Attention(nn.Module):
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         reshape_and_cache(key, value, k_cache, v_cache, attn_metadata.slot_mapping)
-        output = paged_attention(query, k_cache, v_cache, attn_metadata, self.scale)
+        output = paged_attention(
+            query,
+            k_cache,
+            v_cache,
+            attn_metadata,
+            self.scale,
+            alibi_slopes=self.alibi_slopes,
+            sliding_window=self.sliding_window,
+        )
         return output.view(num_tokens, self.num_heads * self.head_dim)

@@ -1,60 +1,94 @@
-"""Llama for a flattened, paged batch: Llama 2/3, SmolLM2, Mistral without sliding window.
+"""Llama for a flattened, paged batch (Llama 2/3, CodeLlama, SmolLM2, Mistral), and the base of its family.
 
-Module and parameter names mirror transformers' so checkpoint names map to
-parameters one to one. Parameters start on the "meta" device (shapes only);
-load_weights makes the checkpoint tensors themselves the parameters, without
-copying, so many processes can share one shared-memory copy of the weights.
+Qwen2, Qwen3, Phi-3 and Mixtral differ from it in one place each, so they
+subclass it and override one hook: `LlamaAttention.projection_biases`,
+`LlamaAttention.norm_query_key`, `LlamaForCausalLM.rotary_dim`, `LlamaForCausalLM.make_mlp`.
+
+Module and parameter names mirror transformers', except that q/k/v and gate/up
+are fused (`qkv_proj`, `gate_up_proj`, as in vLLM and Phi-3): the loader's
+weight plan (llmexec.loader.weight_plan) builds those from the checkpoint's
+separate tensors following `packed_modules_mapping`. Parameters start on the
+"meta" device (shapes only); load_weights makes the given tensors themselves
+the parameters, without copying, so many processes share one copy in shared memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmexec.errors import CheckpointError, UnsupportedArchitectureError
+from llmexec.errors import UnsupportedArchitectureError
 from llmexec.models.attention import Attention, AttentionMetadata
-from llmexec.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, rope_settings
+from llmexec.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_partial_rotary, rope_inv_freq, rope_settings
+from llmexec.models.weight_binding import bind_checkpoint_tensors
 
 # Checkpoint entries that are not parameters and are safe to drop: old Llama checkpoints
 # saved the rotary buffer, which is recomputed from the config.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+def layer_sliding_windows(config: Mapping) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), as transformers reads the config.
+
+    Mistral and Phi-3 window every layer when `sliding_window` is set; Qwen2/3 only
+    with `use_sliding_window`, from layer `max_window_layers` on; configs with
+    `layer_types` name each layer's kind.
+    """
+    num_layers = config["num_hidden_layers"]
+    window = config.get("sliding_window")
+    if not window or config.get("use_sliding_window") is False:
+        return [None] * num_layers
+    if config.get("layer_types"):
+        return [window if kind == "sliding_attention" else None for kind in config["layer_types"]]
+    first_windowed = config.get("max_window_layers", 0)
+    return [window if i >= first_windowed else None for i in range(num_layers)]
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Mapping, head_dim: int) -> None:
+    def __init__(self, config: Mapping, head_dim: int, sliding_window: int | None) -> None:
         super().__init__()
         hidden_size = config["hidden_size"]
         num_heads = config["num_attention_heads"]
         num_kv_heads = config.get("num_key_value_heads") or num_heads
-        bias = bool(config.get("attention_bias", False))
+        qkv_bias, o_bias = self.projection_biases(config)
         self.head_dim = head_dim
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
-        self.attn = Attention(num_heads, num_kv_heads, head_dim, scale=head_dim**-0.5)
+        self.qkv_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        self.qkv_proj = nn.Linear(hidden_size, sum(self.qkv_sizes), bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
+        self.attn = Attention(num_heads, num_kv_heads, head_dim, scale=head_dim**-0.5, sliding_window=sliding_window)
+
+    @staticmethod
+    def projection_biases(config: Mapping) -> tuple[bool, bool]:
+        """(q/k/v bias, o_proj bias)."""
+        bias = bool(config.get("attention_bias", False))
+        return bias, bias
+
+    def norm_query_key(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [T, heads, head_dim], key [T, kv_heads, head_dim] before rotary; Llama leaves them as they are."""
+        return query, key
 
     def forward(self, hidden, cos, sin, attn_metadata: AttentionMetadata, kv_cache) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        query = self.q_proj(hidden).view(num_tokens, -1, self.head_dim)
-        key = self.k_proj(hidden).view(num_tokens, -1, self.head_dim)
-        value = self.v_proj(hidden)
-        query = apply_rotary(query, cos, sin).flatten(1)
-        key = apply_rotary(key, cos, sin).flatten(1)
+        query, key, value = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
+        query, key = self.norm_query_key(
+            query.view(num_tokens, -1, self.head_dim), key.view(num_tokens, -1, self.head_dim)
+        )
+        query = apply_partial_rotary(query, cos, sin).flatten(1)
+        key = apply_partial_rotary(key, cos, sin).flatten(1)
         return self.o_proj(self.attn(query, key, value, attn_metadata, kv_cache))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Mapping, head_dim: int) -> None:
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float) -> None:
         super().__init__()
-        eps = config.get("rms_norm_eps", 1e-6)
-        self.self_attn = LlamaAttention(config, head_dim)
-        self.mlp = GatedMLP(config["hidden_size"], config["intermediate_size"], bias=bool(config.get("mlp_bias", False)))
-        self.input_layernorm = RMSNorm(config["hidden_size"], eps)
-        self.post_attention_layernorm = RMSNorm(config["hidden_size"], eps)
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
 
     def forward(self, hidden, cos, sin, attn_metadata: AttentionMetadata, kv_cache) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attn_metadata, kv_cache)
@@ -62,67 +96,79 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Mapping, head_dim: int) -> None:
+    def __init__(self, config: Mapping, layers: list[LlamaDecoderLayer]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config["vocab_size"], config["hidden_size"])
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, head_dim) for _ in range(config["num_hidden_layers"]))
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config["hidden_size"], config.get("rms_norm_eps", 1e-6))
 
 
 class LlamaForCausalLM(nn.Module):
+    # Fused parameter -> the checkpoint modules stacked in it, in row order (read by the loader).
+    packed_modules_mapping: ClassVar[dict[str, list[str]]] = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+    attention_class = LlamaAttention
+
     def __init__(self, config: Mapping) -> None:
         super().__init__()
-        if config.get("hidden_act", "silu") != "silu":
-            raise UnsupportedArchitectureError(f"hidden_act {config['hidden_act']!r} is not supported (only 'silu')")
+        self.check_config(config)
         num_heads = config["num_attention_heads"]
         self.num_kv_heads = config.get("num_key_value_heads") or num_heads
         self.head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
         self.num_layers = config["num_hidden_layers"]
         self.vocab_size = config["vocab_size"]
         self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
+        eps = config.get("rms_norm_eps", 1e-6)
         with torch.device("meta"):  # shapes only: load_weights supplies the storage
-            self.model = LlamaModel(config, self.head_dim)
+            layers = [
+                LlamaDecoderLayer(
+                    self.attention_class(config, self.head_dim, window),
+                    self.make_mlp(config),
+                    config["hidden_size"],
+                    eps,
+                )
+                for window in layer_sliding_windows(config)
+            ]
+            self.model = LlamaModel(config, layers)
             self.lm_head = None
             if not self.tie_word_embeddings:
                 self.lm_head = nn.Linear(config["hidden_size"], config["vocab_size"], bias=False)
         theta, scaling = rope_settings(config)
         max_positions = config.get("max_position_embeddings", 2048)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, theta, scaling, max_positions)
+        self.rotary_emb = RotaryEmbedding(self.rotary_dim(config, self.head_dim), theta, scaling, max_positions)
         self.requires_grad_(False)
 
+    @classmethod
+    def check_config(cls, config: Mapping) -> None:
+        """Raise UnsupportedArchitectureError for a config this class cannot run (cheap; the loader calls it)."""
+        if config.get("hidden_act", "silu") != "silu":
+            raise UnsupportedArchitectureError(f"hidden_act {config['hidden_act']!r} is not supported (only 'silu')")
+        theta, scaling = rope_settings(config)
+        rope_inv_freq(2, theta, scaling, config.get("max_position_embeddings", 2048))  # raises for unknown scaling
+
+    def make_mlp(self, config: Mapping) -> nn.Module:
+        return GatedMLP(config["hidden_size"], config["intermediate_size"], bias=bool(config.get("mlp_bias", False)))
+
+    def rotary_dim(self, config: Mapping, head_dim: int) -> int:
+        """How many leading dims of each head rotary rotates; Llama rotates them all."""
+        return head_dim
+
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Make the HF-named checkpoint tensors this module's parameters, sharing their storage.
+        """Make the given tensors (named as the loader's weight plan names them: HF names with
+        q/k/v and gate/up fused) this module's parameters, sharing their storage.
 
-        Strict: every parameter must be given with its exact shape, and nothing else
-        (lm_head.weight is accepted and ignored when embeddings are tied). Raises
-        CheckpointError naming the offending tensors.
+        Strict: every parameter must be given with its exact shape and one dtype, and
+        nothing else (lm_head.weight is accepted and ignored when embeddings are tied).
+        Raises CheckpointError naming the offending tensors.
         """
-        params = dict(self.named_parameters())
-        ignored = {name for name in weights if name.endswith(_IGNORED_SUFFIXES)}
-        if self.tie_word_embeddings and "lm_head.weight" in weights:
-            ignored.add("lm_head.weight")
-            params_and_tied = {**params, "lm_head.weight": params["model.embed_tokens.weight"]}
-        else:
-            params_and_tied = params
-        missing = sorted(params.keys() - weights.keys())
-        unexpected = sorted(weights.keys() - params.keys() - ignored)
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint does not match LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
-        for name, param in params_and_tied.items():
-            if name in weights and tuple(weights[name].shape) != tuple(param.shape):
-                raise CheckpointError(
-                    f"tensor {name!r} has shape {tuple(weights[name].shape)}, expected {tuple(param.shape)}"
-                )
-        dtype = weights["model.embed_tokens.weight"].dtype
-        wrong_dtype = sorted(name for name in params if weights[name].dtype != dtype)
-        if wrong_dtype:
-            raise CheckpointError(f"tensors {wrong_dtype} are not {dtype} like model.embed_tokens.weight")
+        bind_checkpoint_tensors(self, weights, self._parameter_name)
 
-        for name in params:
-            module_name, _, attr = name.rpartition(".")
-            module = self.get_submodule(module_name)
-            # nn.Parameter wraps the given tensor itself: same storage, no copy.
-            module._parameters[attr] = nn.Parameter(weights[name], requires_grad=False)
+    def _parameter_name(self, name: str) -> str | None:
+        if name.endswith(_IGNORED_SUFFIXES) or (self.tie_word_embeddings and name == "lm_head.weight"):
+            return None
+        return name
 
     def forward(
         self,

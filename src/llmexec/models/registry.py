@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -11,24 +11,26 @@ from llmexec.errors import UnsupportedArchitectureError
 
 _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("llmexec.models.llama", "LlamaForCausalLM"),
+    # Mistral is Llama with a sliding window, which the shared attention reads from the config.
     "MistralForCausalLM": ("llmexec.models.llama", "LlamaForCausalLM"),
+    "MixtralForCausalLM": ("llmexec.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2ForCausalLM": ("llmexec.models.qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("llmexec.models.qwen3", "Qwen3ForCausalLM"),
+    "Phi3ForCausalLM": ("llmexec.models.phi3", "Phi3ForCausalLM"),
+    "GPT2LMHeadModel": ("llmexec.models.gpt2", "GPT2LMHeadModel"),
+    "GPTNeoXForCausalLM": ("llmexec.models.gpt_neox", "GPTNeoXForCausalLM"),
+    "OPTForCausalLM": ("llmexec.models.opt", "OPTForCausalLM"),
+    "BloomForCausalLM": ("llmexec.models.bloom", "BloomForCausalLM"),
 }
 
 # Configs without "architectures" (e.g. made in code by transformers) still carry model_type.
 _ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-
-
-def _check_mistral(config: Mapping) -> None:
-    sliding_window = config.get("sliding_window")
-    max_positions = config.get("max_position_embeddings")
-    if sliding_window is not None and (max_positions is None or sliding_window < max_positions):
-        raise UnsupportedArchitectureError(
-            f"MistralForCausalLM with sliding_window={sliding_window} (< max_position_embeddings="
-            f"{max_positions}) is not supported yet: sliding-window attention is not implemented"
-        )
-
-
-_CONFIG_CHECKS: dict[str, Callable[[Mapping], None]] = {"MistralForCausalLM": _check_mistral}
+_ARCHITECTURE_OF_MODEL_TYPE.update(
+    mixtral="MixtralForCausalLM", qwen2="Qwen2ForCausalLM", qwen3="Qwen3ForCausalLM", phi3="Phi3ForCausalLM"
+)
+_ARCHITECTURE_OF_MODEL_TYPE.update(
+    gpt2="GPT2LMHeadModel", gpt_neox="GPTNeoXForCausalLM", opt="OPTForCausalLM", bloom="BloomForCausalLM"
+)
 
 
 def supported_architectures() -> list[str]:
@@ -49,13 +51,14 @@ def architecture_of(config: Mapping) -> str:
 
 
 def model_class_for(architecture: str, config: Mapping | None = None) -> type[nn.Module]:
-    """The nn.Module class for an HF architecture name; with `config`, also checks the
-    architecture-specific limits (e.g. Mistral's sliding window)."""
+    """The nn.Module class for an HF architecture name; with `config`, also runs the class's
+    `check_config(config)` when it has one (what it cannot run, e.g. an unknown rope scaling)."""
     if architecture not in _MODELS:
         raise UnsupportedArchitectureError(
             f"architecture {architecture!r} is not supported; supported: {', '.join(supported_architectures())}"
         )
-    if config is not None and architecture in _CONFIG_CHECKS:
-        _CONFIG_CHECKS[architecture](config)
     module_path, class_name = _MODELS[architecture]
-    return getattr(importlib.import_module(module_path), class_name)
+    model_class = getattr(importlib.import_module(module_path), class_name)
+    if config is not None and hasattr(model_class, "check_config"):
+        model_class.check_config(config)
+    return model_class

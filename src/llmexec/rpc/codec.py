@@ -7,21 +7,32 @@ scheduler -> runner; both directions live here so the two ends cannot drift.
 from __future__ import annotations
 
 from llmexec.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams
-from llmexec.step import SequenceInput, StepInput
+from llmexec.step import SequenceInput, StepInput, StepOutput, TokenLogprobs
 from llmexec.v1 import runner_pb2, sampling_pb2
 
 
 def sampling_from_pb(pb: sampling_pb2.SamplingParams) -> SamplingParams:
     """Unset optional fields take the defaults; invalid values raise InvalidArgumentError."""
+
+    def get(name: str, default):
+        return getattr(pb, name) if pb.HasField(name) else default
+
     return SamplingParams(
-        temperature=pb.temperature if pb.HasField("temperature") else 1.0,
-        top_p=pb.top_p if pb.HasField("top_p") else 1.0,
-        top_k=pb.top_k if pb.HasField("top_k") else 0,
-        max_tokens=pb.max_tokens if pb.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
-        seed=pb.seed if pb.HasField("seed") else None,
+        temperature=get("temperature", 1.0),
+        top_p=get("top_p", 1.0),
+        top_k=get("top_k", 0),
+        min_p=get("min_p", 0.0),
+        max_tokens=get("max_tokens", DEFAULT_MAX_TOKENS),
+        min_tokens=get("min_tokens", 0),
+        seed=get("seed", None),
         stop=tuple(pb.stop),
         stop_token_ids=tuple(pb.stop_token_ids),
         ignore_eos=pb.ignore_eos,
+        repetition_penalty=get("repetition_penalty", 1.0),
+        presence_penalty=get("presence_penalty", 0.0),
+        frequency_penalty=get("frequency_penalty", 0.0),
+        logprobs=get("logprobs", None),
+        n=get("n", 1),
     )
 
 
@@ -34,10 +45,46 @@ def sampling_to_pb(params: SamplingParams) -> sampling_pb2.SamplingParams:
         stop=list(params.stop),
         stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
+        min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        min_tokens=params.min_tokens,
+        n=params.n,
     )
     if params.seed is not None:
         pb.seed = params.seed
+    if params.logprobs is not None:
+        pb.logprobs = params.logprobs
     return pb
+
+
+def logprobs_to_pb(lp: TokenLogprobs) -> sampling_pb2.TokenLogprobs:
+    return sampling_pb2.TokenLogprobs(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
+                                      top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
+
+
+def logprobs_from_pb(pb: sampling_pb2.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(token_id=pb.token_id, logprob=pb.logprob, rank=pb.rank,
+                         top_token_ids=list(pb.top_token_ids), top_logprobs=list(pb.top_logprobs))
+
+
+def step_output_to_pb(output: StepOutput, execute_seconds: float = 0.0) -> runner_pb2.ExecuteStepResponse:
+    """Logprobs travel only for the sequences that asked (step_output_from_pb realigns them)."""
+    return runner_pb2.ExecuteStepResponse(
+        sampled_token_ids=output.sampled_token_ids,
+        execute_seconds=execute_seconds,
+        logprobs=[logprobs_to_pb(lp) for lp in output.logprobs if lp is not None],
+    )
+
+
+def step_output_from_pb(pb: runner_pb2.ExecuteStepResponse, step: StepInput) -> StepOutput:
+    asked = [s.sampling_params.logprobs is not None for s in step.sequences if s.needs_sample]
+    received = iter(pb.logprobs)
+    return StepOutput(
+        sampled_token_ids=list(pb.sampled_token_ids),
+        logprobs=[logprobs_from_pb(next(received)) if a else None for a in asked] if pb.logprobs else [],
+    )
 
 
 def step_to_pb(step: StepInput) -> runner_pb2.ExecuteStepRequest:
@@ -53,9 +100,14 @@ def step_to_pb(step: StepInput) -> runner_pb2.ExecuteStepRequest:
                 needs_sample=s.needs_sample,
                 sampling_params=sampling_to_pb(s.sampling_params),
                 output_index=s.output_index,
+                seq_id=s.seq_id,
+                context_token_ids=s.context_token_ids or (),
             )
             for s in step.sequences
         ],
+        finished_seq_ids=step.finished_seq_ids,
+        eos_token_ids=step.eos_token_ids,
+        runner_instance_id=step.runner_instance_id,
     )
 
 
@@ -72,7 +124,13 @@ def step_from_pb(pb: runner_pb2.ExecuteStepRequest) -> StepInput:
                 needs_sample=s.needs_sample,
                 sampling_params=sampling_from_pb(s.sampling_params),
                 output_index=s.output_index,
+                seq_id=s.seq_id,
+                # An empty context is the same as none: both mean "nothing before the query".
+                context_token_ids=list(s.context_token_ids) or None,
             )
             for s in pb.sequences
         ],
+        finished_seq_ids=list(pb.finished_seq_ids),
+        eos_token_ids=list(pb.eos_token_ids),
+        runner_instance_id=pb.runner_instance_id,
     )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmexec/v1/loader.proto\x12\nllmexec.v1\"E\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bload_format\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\">\n\x11LoadModelResponse\x12)\n\nmodel_info\x18\x01 \x01(\x0b\x32\x15.llmexec.v1.ModelInfo\"\xbe\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x17\n\x0fparameter_count\x18\x04 \x01(\x03\x12?\n\x0e\x62ytes_by_dtype\x18\x05 \x03(\x0b\x32\'.llmexec.v1.ModelInfo.BytesByDtypeEntry\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x13\n\x0bload_format\x18\x07 \x01(\t\x12\x15\n\rhas_tokenizer\x18\x08 \x01(\x08\x12\x15\n\rmax_model_len\x18\t \x01(\x05\x12\x12\n\nvocab_size\x18\n \x01(\x05\x1a\x33\n\x11\x42ytesByDtypeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\'\n\x13GetModelInfoRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"A\n\x14GetModelInfoResponse\x12)\n\nmodel_info\x18\x01 \x01(\x0b\x32\x15.llmexec.v1.ModelInfo\"*\n\x16GetWeightLayoutRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"1\n\rWeightSegment\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"i\n\x0eTensorLocation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x15\n\rsegment_index\x18\x04 \x01(\x05\x12\x14\n\x0coffset_bytes\x18\x05 \x01(\x03\"\x9e\x01\n\x17GetWeightLayoutResponse\x12)\n\nmodel_info\x18\x01 \x01(\x0b\x32\x15.llmexec.v1.ModelInfo\x12+\n\x08segments\x18\x02 \x03(\x0b\x32\x19.llmexec.v1.WeightSegment\x12+\n\x07tensors\x18\x03 \x03(\x0b\x32\x1a.llmexec.v1.TensorLocation\"\'\n\x13GetTokenizerRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x80\x01\n\x14GetTokenizerResponse\x12:\n\x05\x66iles\x18\x01 \x03(\x0b\x32+.llmexec.v1.GetTokenizerResponse.FilesEntry\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x32\xdb\x02\n\rLoaderService\x12H\n\tLoadModel\x12\x1c.llmexec.v1.LoadModelRequest\x1a\x1d.llmexec.v1.LoadModelResponse\x12Q\n\x0cGetModelInfo\x12\x1f.llmexec.v1.GetModelInfoRequest\x1a .llmexec.v1.GetModelInfoResponse\x12Z\n\x0fGetWeightLayout\x12\".llmexec.v1.GetWeightLayoutRequest\x1a#.llmexec.v1.GetWeightLayoutResponse\x12Q\n\x0cGetTokenizer\x12\x1f.llmexec.v1.GetTokenizerRequest\x1a .llmexec.v1.GetTokenizerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmexec/v1/loader.proto\x12\nllmexec.v1\"|\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bload_format\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\x1f\n\x17quantization_group_size\x18\x05 \x01(\x05\">\n\x11LoadModelResponse\x12)\n\nmodel_info\x18\x01 \x01(\x0b\x32\x15.llmexec.v1.ModelInfo\"\xd4\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x17\n\x0fparameter_count\x18\x04 \x01(\x03\x12?\n\x0e\x62ytes_by_dtype\x18\x05 \x03(\x0b\x32\'.llmexec.v1.ModelInfo.BytesByDtypeEntry\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x13\n\x0bload_format\x18\x07 \x01(\t\x12\x15\n\rhas_tokenizer\x18\x08 \x01(\x08\x12\x15\n\rmax_model_len\x18\t \x01(\x05\x12\x12\n\nvocab_size\x18\n \x01(\x05\x12\x14\n\x0cquantization\x18\x0b \x01(\t\x1a\x33\n\x11\x42ytesByDtypeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\'\n\x13GetModelInfoRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"A\n\x14GetModelInfoResponse\x12)\n\nmodel_info\x18\x01 \x01(\x0b\x32\x15.llmexec.v1.ModelInfo\"*\n\x16GetWeightLayoutRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"1\n\rWeightSegment\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"i\n\x0eTensorLocation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x15\n\rsegment_index\x18\x04 \x01(\x05\x12\x14\n\x0coffset_bytes\x18\x05 \x01(\x03\"\x9e\x01\n\x17GetWeightLayoutResponse\x12)\n\nmodel_info\x18\x01 \x01(\x0b\x32\x15.llmexec.v1.ModelInfo\x12+\n\x08segments\x18\x02 \x03(\x0b\x32\x19.llmexec.v1.WeightSegment\x12+\n\x07tensors\x18\x03 \x03(\x0b\x32\x1a.llmexec.v1.TensorLocation\"\'\n\x13GetTokenizerRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"g\n\x13InspectModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bload_format\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x16\n\x0ekv_cache_dtype\x18\x04 \x01(\t\"L\n\x0eParameterGroup\x12\x12\n\nlayer_type\x18\x01 \x01(\t\x12\x17\n\x0fparameter_count\x18\x02 \x01(\x03\x12\r\n\x05share\x18\x03 \x01(\x01\"V\n\x12PrecisionFootprint\x12\x11\n\tprecision\x18\x01 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x03\x12\x17\n\x0fkv_cache_tokens\x18\x03 \x01(\x03\"\xfa\x02\n\x14InspectModelResponse\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x18\n\x10parameter_source\x18\x03 \x01(\t\x12\x13\n\x0bload_format\x18\x04 \x01(\t\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x03\x12\x34\n\x10parameter_groups\x18\x06 \x03(\x0b\x32\x1a.llmexec.v1.ParameterGroup\x12\x12\n\nnum_layers\x18\x07 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x08 \x01(\x05\x12\x10\n\x08head_dim\x18\t \x01(\x05\x12\x16\n\x0ekv_cache_dtype\x18\n \x01(\t\x12 \n\x18kv_cache_bytes_per_token\x18\x0b \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x0c \x01(\x03\x12\x32\n\nfootprints\x18\r \x03(\x0b\x32\x1e.llmexec.v1.PrecisionFootprint\"\x80\x01\n\x14GetTokenizerResponse\x12:\n\x05\x66iles\x18\x01 \x03(\x0b\x32+.llmexec.v1.GetTokenizerResponse.FilesEntry\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x32\xae\x03\n\rLoaderService\x12H\n\tLoadModel\x12\x1c.llmexec.v1.LoadModelRequest\x1a\x1d.llmexec.v1.LoadModelResponse\x12Q\n\x0cGetModelInfo\x12\x1f.llmexec.v1.GetModelInfoRequest\x1a .llmexec.v1.GetModelInfoResponse\x12Z\n\x0fGetWeightLayout\x12\".llmexec.v1.GetWeightLayoutRequest\x1a#.llmexec.v1.GetWeightLayoutResponse\x12Q\n\x0cGetTokenizer\x12\x1f.llmexec.v1.GetTokenizerRequest\x1a .llmexec.v1.GetTokenizerResponse\x12Q\n\x0cInspectModel\x12\x1f.llmexec.v1.InspectModelRequest\x1a .llmexec.v1.InspectModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,31 +36,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._loaded_options = None
   _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_options = b'8\001'
   _globals['_LOADMODELREQUEST']._serialized_start=39
-  _globals['_LOADMODELREQUEST']._serialized_end=108
-  _globals['_LOADMODELRESPONSE']._serialized_start=110
-  _globals['_LOADMODELRESPONSE']._serialized_end=172
-  _globals['_MODELINFO']._serialized_start=175
-  _globals['_MODELINFO']._serialized_end=493
-  _globals['_MODELINFO_BYTESBYDTYPEENTRY']._serialized_start=442
-  _globals['_MODELINFO_BYTESBYDTYPEENTRY']._serialized_end=493
-  _globals['_GETMODELINFOREQUEST']._serialized_start=495
-  _globals['_GETMODELINFOREQUEST']._serialized_end=534
-  _globals['_GETMODELINFORESPONSE']._serialized_start=536
-  _globals['_GETMODELINFORESPONSE']._serialized_end=601
-  _globals['_GETWEIGHTLAYOUTREQUEST']._serialized_start=603
-  _globals['_GETWEIGHTLAYOUTREQUEST']._serialized_end=645
-  _globals['_WEIGHTSEGMENT']._serialized_start=647
-  _globals['_WEIGHTSEGMENT']._serialized_end=696
-  _globals['_TENSORLOCATION']._serialized_start=698
-  _globals['_TENSORLOCATION']._serialized_end=803
-  _globals['_GETWEIGHTLAYOUTRESPONSE']._serialized_start=806
-  _globals['_GETWEIGHTLAYOUTRESPONSE']._serialized_end=964
-  _globals['_GETTOKENIZERREQUEST']._serialized_start=966
-  _globals['_GETTOKENIZERREQUEST']._serialized_end=1005
-  _globals['_GETTOKENIZERRESPONSE']._serialized_start=1008
-  _globals['_GETTOKENIZERRESPONSE']._serialized_end=1136
-  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_start=1092
-  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_end=1136
-  _globals['_LOADERSERVICE']._serialized_start=1139
-  _globals['_LOADERSERVICE']._serialized_end=1486
+  _globals['_LOADMODELREQUEST']._serialized_end=163
+  _globals['_LOADMODELRESPONSE']._serialized_start=165
+  _globals['_LOADMODELRESPONSE']._serialized_end=227
+  _globals['_MODELINFO']._serialized_start=230
+  _globals['_MODELINFO']._serialized_end=570
+  _globals['_MODELINFO_BYTESBYDTYPEENTRY']._serialized_start=519
+  _globals['_MODELINFO_BYTESBYDTYPEENTRY']._serialized_end=570
+  _globals['_GETMODELINFOREQUEST']._serialized_start=572
+  _globals['_GETMODELINFOREQUEST']._serialized_end=611
+  _globals['_GETMODELINFORESPONSE']._serialized_start=613
+  _globals['_GETMODELINFORESPONSE']._serialized_end=678
+  _globals['_GETWEIGHTLAYOUTREQUEST']._serialized_start=680
+  _globals['_GETWEIGHTLAYOUTREQUEST']._serialized_end=722
+  _globals['_WEIGHTSEGMENT']._serialized_start=724
+  _globals['_WEIGHTSEGMENT']._serialized_end=773
+  _globals['_TENSORLOCATION']._serialized_start=775
+  _globals['_TENSORLOCATION']._serialized_end=880
+  _globals['_GETWEIGHTLAYOUTRESPONSE']._serialized_start=883
+  _globals['_GETWEIGHTLAYOUTRESPONSE']._serialized_end=1041
+  _globals['_GETTOKENIZERREQUEST']._serialized_start=1043
+  _globals['_GETTOKENIZERREQUEST']._serialized_end=1082
+  _globals['_INSPECTMODELREQUEST']._serialized_start=1084
+  _globals['_INSPECTMODELREQUEST']._serialized_end=1187
+  _globals['_PARAMETERGROUP']._serialized_start=1189
+  _globals['_PARAMETERGROUP']._serialized_end=1265
+  _globals['_PRECISIONFOOTPRINT']._serialized_start=1267
+  _globals['_PRECISIONFOOTPRINT']._serialized_end=1353
+  _globals['_INSPECTMODELRESPONSE']._serialized_start=1356
+  _globals['_INSPECTMODELRESPONSE']._serialized_end=1734
+  _globals['_GETTOKENIZERRESPONSE']._serialized_start=1737
+  _globals['_GETTOKENIZERRESPONSE']._serialized_end=1865
+  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_start=1821
+  _globals['_GETTOKENIZERRESPONSE_FILESENTRY']._serialized_end=1865
+  _globals['_LOADERSERVICE']._serialized_start=1868
+  _globals['_LOADERSERVICE']._serialized_end=2298
 # @@protoc_insertion_point(module_scope)

@@ -7,14 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("model", "load_format", "dtype")
+    __slots__ = ("model", "load_format", "dtype", "quantization", "quantization_group_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     load_format: str
     dtype: str
-    def __init__(self, model: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    quantization: str
+    quantization_group_size: int
+    def __init__(self, model: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., quantization_group_size: _Optional[int] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("model_info",)
@@ -23,7 +27,7 @@ class LoadModelResponse(_message.Message):
     def __init__(self, model_info: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "architecture", "config_json", "parameter_count", "bytes_by_dtype", "source", "load_format", "has_tokenizer", "max_model_len", "vocab_size")
+    __slots__ = ("model_id", "architecture", "config_json", "parameter_count", "bytes_by_dtype", "source", "load_format", "has_tokenizer", "max_model_len", "vocab_size", "quantization")
     class BytesByDtypeEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +45,7 @@ class ModelInfo(_message.Message):
     HAS_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     architecture: str
     config_json: str
@@ -51,7 +56,8 @@ class ModelInfo(_message.Message):
     has_tokenizer: bool
     max_model_len: int
     vocab_size: int
-    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., config_json: _Optional[str] = ..., parameter_count: _Optional[int] = ..., bytes_by_dtype: _Optional[_Mapping[str, int]] = ..., source: _Optional[str] = ..., load_format: _Optional[str] = ..., has_tokenizer: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    quantization: str
+    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., config_json: _Optional[str] = ..., parameter_count: _Optional[int] = ..., bytes_by_dtype: _Optional[_Mapping[str, int]] = ..., source: _Optional[str] = ..., load_format: _Optional[str] = ..., has_tokenizer: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ("model_id",)
@@ -108,6 +114,68 @@ class GetTokenizerRequest(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class InspectModelRequest(_message.Message):
+    __slots__ = ("model", "load_format", "memory_bytes", "kv_cache_dtype")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    load_format: str
+    memory_bytes: int
+    kv_cache_dtype: str
+    def __init__(self, model: _Optional[str] = ..., load_format: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
+
+class ParameterGroup(_message.Message):
+    __slots__ = ("layer_type", "parameter_count", "share")
+    LAYER_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    layer_type: str
+    parameter_count: int
+    share: float
+    def __init__(self, layer_type: _Optional[str] = ..., parameter_count: _Optional[int] = ..., share: _Optional[float] = ...) -> None: ...
+
+class PrecisionFootprint(_message.Message):
+    __slots__ = ("precision", "weight_bytes", "kv_cache_tokens")
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    precision: str
+    weight_bytes: int
+    kv_cache_tokens: int
+    def __init__(self, precision: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ...) -> None: ...
+
+class InspectModelResponse(_message.Message):
+    __slots__ = ("source", "architecture", "parameter_source", "load_format", "parameter_count", "parameter_groups", "num_layers", "num_kv_heads", "head_dim", "kv_cache_dtype", "kv_cache_bytes_per_token", "memory_bytes", "footprints")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FOOTPRINTS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    architecture: str
+    parameter_source: str
+    load_format: str
+    parameter_count: int
+    parameter_groups: _containers.RepeatedCompositeFieldContainer[ParameterGroup]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    kv_cache_dtype: str
+    kv_cache_bytes_per_token: int
+    memory_bytes: int
+    footprints: _containers.RepeatedCompositeFieldContainer[PrecisionFootprint]
+    def __init__(self, source: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_source: _Optional[str] = ..., load_format: _Optional[str] = ..., parameter_count: _Optional[int] = ..., parameter_groups: _Optional[_Iterable[_Union[ParameterGroup, _Mapping]]] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., kv_cache_bytes_per_token: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., footprints: _Optional[_Iterable[_Union[PrecisionFootprint, _Mapping]]] = ...) -> None: ...
 
 class GetTokenizerResponse(_message.Message):
     __slots__ = ("files",)

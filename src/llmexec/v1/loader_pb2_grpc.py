@@ -56,6 +56,11 @@ class LoaderServiceStub:
                 request_serializer=llmexec_dot_v1_dot_loader__pb2.GetTokenizerRequest.SerializeToString,
                 response_deserializer=llmexec_dot_v1_dot_loader__pb2.GetTokenizerResponse.FromString,
                 _registered_method=True)
+        self.InspectModel = channel.unary_unary(
+                '/llmexec.v1.LoaderService/InspectModel',
+                request_serializer=llmexec_dot_v1_dot_loader__pb2.InspectModelRequest.SerializeToString,
+                response_deserializer=llmexec_dot_v1_dot_loader__pb2.InspectModelResponse.FromString,
+                _registered_method=True)
 
 
 class LoaderServiceServicer:
@@ -91,6 +96,14 @@ class LoaderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InspectModel(self, request, context):
+        """InspectModel counts a checkpoint's parameters by layer type and sizes its
+        weights and KV cache, without loading it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoaderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +126,11 @@ def add_LoaderServiceServicer_to_server(servicer, server):
                     servicer.GetTokenizer,
                     request_deserializer=llmexec_dot_v1_dot_loader__pb2.GetTokenizerRequest.FromString,
                     response_serializer=llmexec_dot_v1_dot_loader__pb2.GetTokenizerResponse.SerializeToString,
+            ),
+            'InspectModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.InspectModel,
+                    request_deserializer=llmexec_dot_v1_dot_loader__pb2.InspectModelRequest.FromString,
+                    response_serializer=llmexec_dot_v1_dot_loader__pb2.InspectModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +243,33 @@ class LoaderService:
             '/llmexec.v1.LoaderService/GetTokenizer',
             llmexec_dot_v1_dot_loader__pb2.GetTokenizerRequest.SerializeToString,
             llmexec_dot_v1_dot_loader__pb2.GetTokenizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InspectModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmexec.v1.LoaderService/InspectModel',
+            llmexec_dot_v1_dot_loader__pb2.InspectModelRequest.SerializeToString,
+            llmexec_dot_v1_dot_loader__pb2.InspectModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

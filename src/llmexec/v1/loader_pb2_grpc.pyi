@@ -43,6 +43,10 @@ class LoaderServiceStub:
     """GetWeightLayout says where each tensor of a loaded model lives in shared memory."""
     GetTokenizer: _grpc.UnaryUnaryMultiCallable[_loader_pb2.GetTokenizerRequest, _loader_pb2.GetTokenizerResponse]
     """GetTokenizer returns the model's tokenizer files (empty when it has none)."""
+    InspectModel: _grpc.UnaryUnaryMultiCallable[_loader_pb2.InspectModelRequest, _loader_pb2.InspectModelResponse]
+    """InspectModel counts a checkpoint's parameters by layer type and sizes its
+    weights and KV cache, without loading it.
+    """
 
 @_typing.type_check_only
 class LoaderServiceAsyncStub(LoaderServiceStub):
@@ -59,6 +63,10 @@ class LoaderServiceAsyncStub(LoaderServiceStub):
     """GetWeightLayout says where each tensor of a loaded model lives in shared memory."""
     GetTokenizer: _aio.UnaryUnaryMultiCallable[_loader_pb2.GetTokenizerRequest, _loader_pb2.GetTokenizerResponse]  # type: ignore[assignment]
     """GetTokenizer returns the model's tokenizer files (empty when it has none)."""
+    InspectModel: _aio.UnaryUnaryMultiCallable[_loader_pb2.InspectModelRequest, _loader_pb2.InspectModelResponse]  # type: ignore[assignment]
+    """InspectModel counts a checkpoint's parameters by layer type and sizes its
+    weights and KV cache, without loading it.
+    """
 
 class LoaderServiceServicer(metaclass=_abc_1.ABCMeta):
     """LoaderService reads checkpoints, maps them onto a registered architecture
@@ -96,5 +104,15 @@ class LoaderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_loader_pb2.GetTokenizerResponse, _abc.Awaitable[_loader_pb2.GetTokenizerResponse]]:
         """GetTokenizer returns the model's tokenizer files (empty when it has none)."""
+
+    @_abc_1.abstractmethod
+    def InspectModel(
+        self,
+        request: _loader_pb2.InspectModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_loader_pb2.InspectModelResponse, _abc.Awaitable[_loader_pb2.InspectModelResponse]]:
+        """InspectModel counts a checkpoint's parameters by layer type and sizes its
+        weights and KV cache, without loading it.
+        """
 
 def add_LoaderServiceServicer_to_server(servicer: LoaderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -46,6 +46,11 @@ class RunnerServiceStub:
                 request_serializer=llmexec_dot_v1_dot_runner__pb2.ExecuteStepRequest.SerializeToString,
                 response_deserializer=llmexec_dot_v1_dot_runner__pb2.ExecuteStepResponse.FromString,
                 _registered_method=True)
+        self.TraceStep = channel.unary_unary(
+                '/llmexec.v1.RunnerService/TraceStep',
+                request_serializer=llmexec_dot_v1_dot_runner__pb2.TraceStepRequest.SerializeToString,
+                response_deserializer=llmexec_dot_v1_dot_runner__pb2.TraceStepResponse.FromString,
+                _registered_method=True)
 
 
 class RunnerServiceServicer:
@@ -68,6 +73,15 @@ class RunnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TraceStep(self, request, context):
+        """TraceStep runs one prefill and one decode step of a prompt with hooks on
+        every module, in a scratch KV cache that no scheduled sequence uses, and
+        reports each module call in execution order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +94,11 @@ def add_RunnerServiceServicer_to_server(servicer, server):
                     servicer.ExecuteStep,
                     request_deserializer=llmexec_dot_v1_dot_runner__pb2.ExecuteStepRequest.FromString,
                     response_serializer=llmexec_dot_v1_dot_runner__pb2.ExecuteStepResponse.SerializeToString,
+            ),
+            'TraceStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.TraceStep,
+                    request_deserializer=llmexec_dot_v1_dot_runner__pb2.TraceStepRequest.FromString,
+                    response_serializer=llmexec_dot_v1_dot_runner__pb2.TraceStepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +157,33 @@ class RunnerService:
             '/llmexec.v1.RunnerService/ExecuteStep',
             llmexec_dot_v1_dot_runner__pb2.ExecuteStepRequest.SerializeToString,
             llmexec_dot_v1_dot_runner__pb2.ExecuteStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TraceStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmexec.v1.RunnerService/TraceStep',
+            llmexec_dot_v1_dot_runner__pb2.TraceStepRequest.SerializeToString,
+            llmexec_dot_v1_dot_runner__pb2.TraceStepResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,11 @@ class RunnerServiceStub:
     """ExecuteStep runs one forward pass and samples the next token of every
     sequence that asks for one.
     """
+    TraceStep: _grpc.UnaryUnaryMultiCallable[_runner_pb2.TraceStepRequest, _runner_pb2.TraceStepResponse]
+    """TraceStep runs one prefill and one decode step of a prompt with hooks on
+    every module, in a scratch KV cache that no scheduled sequence uses, and
+    reports each module call in execution order.
+    """
 
 @_typing.type_check_only
 class RunnerServiceAsyncStub(RunnerServiceStub):
@@ -54,6 +59,11 @@ class RunnerServiceAsyncStub(RunnerServiceStub):
     ExecuteStep: _aio.UnaryUnaryMultiCallable[_runner_pb2.ExecuteStepRequest, _runner_pb2.ExecuteStepResponse]  # type: ignore[assignment]
     """ExecuteStep runs one forward pass and samples the next token of every
     sequence that asks for one.
+    """
+    TraceStep: _aio.UnaryUnaryMultiCallable[_runner_pb2.TraceStepRequest, _runner_pb2.TraceStepResponse]  # type: ignore[assignment]
+    """TraceStep runs one prefill and one decode step of a prompt with hooks on
+    every module, in a scratch KV cache that no scheduled sequence uses, and
+    reports each module call in execution order.
     """
 
 class RunnerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -77,6 +87,17 @@ class RunnerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_runner_pb2.ExecuteStepResponse, _abc.Awaitable[_runner_pb2.ExecuteStepResponse]]:
         """ExecuteStep runs one forward pass and samples the next token of every
         sequence that asks for one.
+        """
+
+    @_abc_1.abstractmethod
+    def TraceStep(
+        self,
+        request: _runner_pb2.TraceStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runner_pb2.TraceStepResponse, _abc.Awaitable[_runner_pb2.TraceStepResponse]]:
+        """TraceStep runs one prefill and one decode step of a prompt with hooks on
+        every module, in a scratch KV cache that no scheduled sequence uses, and
+        reports each module call in execution order.
         """
 
 def add_RunnerServiceServicer_to_server(servicer: RunnerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

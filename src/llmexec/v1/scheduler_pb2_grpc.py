@@ -46,6 +46,11 @@ class SchedulerServiceStub:
                 request_serializer=llmexec_dot_v1_dot_scheduler__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=llmexec_dot_v1_dot_scheduler__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.ResumeGenerate = channel.unary_stream(
+                '/llmexec.v1.SchedulerService/ResumeGenerate',
+                request_serializer=llmexec_dot_v1_dot_scheduler__pb2.ResumeGenerateRequest.SerializeToString,
+                response_deserializer=llmexec_dot_v1_dot_scheduler__pb2.ResumeGenerateResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -69,6 +74,16 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeGenerate(self, request, context):
+        """ResumeGenerate streams a request's completion again from output token
+        `offset` on, whether the request is still running or has finished (for
+        an hour after): after a lost connection or a scheduler restart, a client
+        resumes with the request_id and the number of tokens it has received.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +96,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=llmexec_dot_v1_dot_scheduler__pb2.GetServerInfoRequest.FromString,
                     response_serializer=llmexec_dot_v1_dot_scheduler__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'ResumeGenerate': grpc.unary_stream_rpc_method_handler(
+                    servicer.ResumeGenerate,
+                    request_deserializer=llmexec_dot_v1_dot_scheduler__pb2.ResumeGenerateRequest.FromString,
+                    response_serializer=llmexec_dot_v1_dot_scheduler__pb2.ResumeGenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +159,33 @@ class SchedulerService:
             '/llmexec.v1.SchedulerService/GetServerInfo',
             llmexec_dot_v1_dot_scheduler__pb2.GetServerInfoRequest.SerializeToString,
             llmexec_dot_v1_dot_scheduler__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeGenerate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmexec.v1.SchedulerService/ResumeGenerate',
+            llmexec_dot_v1_dot_scheduler__pb2.ResumeGenerateRequest.SerializeToString,
+            llmexec_dot_v1_dot_scheduler__pb2.ResumeGenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

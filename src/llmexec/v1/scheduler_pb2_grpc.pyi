@@ -42,6 +42,12 @@ class SchedulerServiceStub:
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetServerInfoRequest, _scheduler_pb2.GetServerInfoResponse]
     """GetServerInfo describes the model being served and the cache capacity."""
+    ResumeGenerate: _grpc.UnaryStreamMultiCallable[_scheduler_pb2.ResumeGenerateRequest, _scheduler_pb2.ResumeGenerateResponse]
+    """ResumeGenerate streams a request's completion again from output token
+    `offset` on, whether the request is still running or has finished (for
+    an hour after): after a lost connection or a scheduler restart, a client
+    resumes with the request_id and the number of tokens it has received.
+    """
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -57,6 +63,12 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetServerInfoRequest, _scheduler_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """GetServerInfo describes the model being served and the cache capacity."""
+    ResumeGenerate: _aio.UnaryStreamMultiCallable[_scheduler_pb2.ResumeGenerateRequest, _scheduler_pb2.ResumeGenerateResponse]  # type: ignore[assignment]
+    """ResumeGenerate streams a request's completion again from output token
+    `offset` on, whether the request is still running or has finished (for
+    an hour after): after a lost connection or a scheduler restart, a client
+    resumes with the request_id and the number of tokens it has received.
+    """
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """SchedulerService is the front door: it takes generate requests, batches
@@ -81,5 +93,17 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.GetServerInfoResponse, _abc.Awaitable[_scheduler_pb2.GetServerInfoResponse]]:
         """GetServerInfo describes the model being served and the cache capacity."""
+
+    @_abc_1.abstractmethod
+    def ResumeGenerate(
+        self,
+        request: _scheduler_pb2.ResumeGenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.ResumeGenerateResponse], _abc.AsyncIterator[_scheduler_pb2.ResumeGenerateResponse]]:
+        """ResumeGenerate streams a request's completion again from output token
+        `offset` on, whether the request is still running or has finished (for
+        an hour after): after a lost connection or a scheduler restart, a client
+        resumes with the request_id and the number of tokens it has received.
+        """
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
