@@ -16,8 +16,11 @@ imported only on the CUDA path: a CPU install needs no triton.
 from __future__ import annotations
 
 import torch
-from llmexec.kernels import reference_ops, torch_reference
+from llmexec.kernels import torch_reference
 from llmexec.kernels.triton_support import triton_available
+
+# reference_ops (the CPU path of the norm and rotary ops) is imported where used: it builds on
+# models.layers, which itself dispatches through this module.
 
 _TRITON = triton_available()
 
@@ -25,6 +28,11 @@ _TRITON = triton_available()
 def uses_triton(tensor: torch.Tensor) -> bool:
     """True where these ops run Triton kernels for tensors like this one."""
     return tensor.is_cuda and _TRITON
+
+
+def uses_triton_on(device: torch.device | str) -> bool:
+    """True where these ops run Triton kernels for tensors on `device`."""
+    return torch.device(device).type == "cuda" and _TRITON
 
 
 def reshape_and_cache(
@@ -123,6 +131,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         from llmexec.kernels import triton_norm
 
         return triton_norm.rms_norm(x, weight, eps)
+    from llmexec.kernels import reference_ops
+
     return reference_ops.rms_norm(x, weight, eps)
 
 
@@ -134,6 +144,8 @@ def fused_add_rms_norm(
         from llmexec.kernels import triton_norm
 
         return triton_norm.fused_add_rms_norm(x, residual, weight, eps)
+    from llmexec.kernels import reference_ops
+
     normed, summed = reference_ops.fused_add_rms_norm(x, residual, weight, eps)
     residual.copy_(summed)
     return normed, residual
@@ -149,6 +161,8 @@ def rotary_embedding(
 
         triton_rotary.rotary_embedding(positions, query, key, cos_sin_cache)
         return
+    from llmexec.kernels import reference_ops
+
     rotated_query, rotated_key = reference_ops.rotary_embedding(positions, query, key, cos_sin_cache)
     query.copy_(rotated_query)
     key.copy_(rotated_key)

@@ -264,9 +264,37 @@ def _q2_k(b):
     return out
 
 
+def _q3_k(b):
+    hmask = b[:, 0:32].astype(np.int32)
+    qs = b[:, 32:96].astype(np.int32)
+    aux = b[:, 96:108].copy().view("<u4").astype(np.int64)  # the 12 scale bytes as 3 little-endian words
+    d = _f16(b, 108)
+    low4, high2 = 0x0F0F0F0F, 0x03030303
+    words = np.stack([
+        (aux[:, 0] & low4) | (((aux[:, 2] >> 0) & high2) << 4),
+        (aux[:, 1] & low4) | (((aux[:, 2] >> 2) & high2) << 4),
+        ((aux[:, 0] >> 4) & low4) | (((aux[:, 2] >> 4) & high2) << 4),
+        ((aux[:, 1] >> 4) & low4) | (((aux[:, 2] >> 6) & high2) << 4),
+    ], axis=1).astype("<u4")
+    scales = words.view(np.int8).reshape(-1, 16).astype(np.float32) - 32  # 16 six-bit scales
+    out = np.empty((b.shape[0], 256), np.float32)
+    position, scale_index, mask = 0, 0, 1
+    for half in range(2):
+        q = qs[:, 32 * half : 32 * half + 32]
+        for shift in (0, 2, 4, 6):
+            for part in range(2):
+                rows = slice(16 * part, 16 * part + 16)
+                low = (q[:, rows] >> shift) & 3
+                high = np.where(hmask[:, rows] & mask, 0, 4)
+                out[:, position : position + 16] = d * scales[:, scale_index : scale_index + 1] * (low - high)
+                position, scale_index = position + 16, scale_index + 1
+            mask <<= 1
+    return out
+
+
 _BLOCK_DEQUANT = {"Q8_0": (32, 34, _q8_0), "Q4_0": (32, 18, _q4_0), "Q4_1": (32, 20, _q4_1),
                   "Q4_K": (256, 144, _q4_k), "Q5_K": (256, 176, _q5_k), "Q6_K": (256, 210, _q6_k),
-                  "Q2_K": (256, 84, _q2_k)}
+                  "Q2_K": (256, 84, _q2_k), "Q3_K": (256, 110, _q3_k)}
 REFERENCE_TYPES = ("F32", "F16", "BF16", *_BLOCK_DEQUANT)
 
 
@@ -279,6 +307,6 @@ def reference_dequantize(raw: np.ndarray, qtype: str) -> np.ndarray:
     if qtype == "BF16":
         bits = raw.view(np.uint16).astype(np.uint32) << 16
         return bits.view(np.float32)
-    block_values, block_bytes, dequant = _BLOCK_DEQUANT[qtype]
+    _, block_bytes, dequant = _BLOCK_DEQUANT[qtype]
     rows = raw.shape[0]
     return dequant(raw.reshape(-1, block_bytes)).reshape(rows, -1)

@@ -76,7 +76,7 @@ def test_demo_model_figures_match_its_real_tensors():
         kind = ("norm" if name.endswith("norm.weight") else "embedding" if name.startswith("token_embd")
                 else "attention" if ".attn_" in name else "mlp" if ".ffn_" in name else name)
         by_type[kind] = by_type.get(kind, 0) + int(tensor.n_elements)
-    field = lambda key: int(reader.fields[key].contents())  # noqa: E731
+    field = lambda key: int(reader.fields[key].contents())
     kv_per_token = 2 * field("llama.block_count") * field("llama.attention.head_count_kv") * (
         field("llama.embedding_length") // field("llama.attention.head_count")) * 4
 

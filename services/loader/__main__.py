@@ -9,8 +9,8 @@ import os
 
 from llmexec.loader.checkpoint import LOAD_FORMATS
 from llmexec.loader.model_store import ModelStore
-from llmexec.quantization import QUANTIZATION_HELP, QUANTIZATIONS
 from llmexec.loader.server import LoaderServicer
+from llmexec.quantization import QUANTIZATION_HELP, QUANTIZATIONS
 from llmexec.rpc.server import configure_logging, serve_until_signalled, start_server
 from llmexec.rpc.transport_args import add_transport_args, transport_from_args
 from llmexec.v1 import loader_pb2, loader_pb2_grpc
@@ -27,19 +27,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "HF cache, to load at start (default: none; use LoadModel)")
     p.add_argument("--load-format", default=os.environ.get("LLMEXEC_LOAD_FORMAT", "auto"), choices=LOAD_FORMATS,
                    help="auto picks safetensors, then pt (.bin), then gguf; dummy makes random weights from the config")
-    p.add_argument("--dtype", default=os.environ.get("LLMEXEC_DTYPE", "float32"))
+    p.add_argument("--dtype", default=os.environ.get("LLMEXEC_DTYPE", ""),
+                   help="float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--device", default=os.environ.get("LLMEXEC_LOADER_DEVICE", "cpu"),
+                   help="where the weights are kept: cpu (/dev/shm) or cuda[:N] (one GPU allocation per model, "
+                        "shared with runners over CUDA IPC)")
     p.add_argument("--quantization", default=os.environ.get("LLMEXEC_QUANTIZATION", ""),
                    choices=["", *QUANTIZATIONS], help=QUANTIZATION_HELP)
     p.add_argument("--quantization-group-size", type=int,
                    default=int(os.environ.get("LLMEXEC_QUANTIZATION_GROUP_SIZE", "0")),
                    help="input columns per int4 scale (default 128)")
+    p.add_argument("--tensor-parallel-size", type=int,
+                   default=int(os.environ.get("LLMEXEC_TENSOR_PARALLEL_SIZE", "1")),
+                   help="keep --model split over this many ranks, one shared-memory shard each; the runner "
+                        "starts one process per rank")
     p.add_argument("--log-level", default=os.environ.get("LLMEXEC_LOG_LEVEL", "INFO"))
     add_transport_args(p, "loader")
     return p.parse_args(argv)
 
 
 async def amain(args: argparse.Namespace) -> None:
-    store = ModelStore()
+    store = ModelStore(args.device)
     transport = transport_from_args(args)
     service = loader_pb2.DESCRIPTOR.services_by_name["LoaderService"].full_name
     running = await start_server(
@@ -50,7 +58,7 @@ async def amain(args: argparse.Namespace) -> None:
     try:
         if args.model:
             await asyncio.to_thread(store.load, args.model, args.load_format, args.dtype, args.quantization,
-                                    args.quantization_group_size)
+                                    args.quantization_group_size, args.tensor_parallel_size)
         await running.set_serving(True)
         await serve_until_signalled(running, transport.drain_seconds)
     finally:

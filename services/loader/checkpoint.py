@@ -59,6 +59,10 @@ class Checkpoint(abc.ABC):
     load_format: str
     source: str
     config: dict
+    # Where iter_tensors should put its tensors when it can (safetensors reads, dummy
+    # weights): the loader sets it to its device so GPU loads skip a host copy. Others
+    # yield CPU tensors, which the store copies over.
+    device: str = "cpu"
 
     def __init__(self, source: str):
         self.source = source

@@ -46,18 +46,20 @@ class DummyCheckpoint(Checkpoint):
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         std = float(self.config.get("initializer_range", 0.02))
         for spec in self._read_specs():
-            yield spec.name, dummy_tensor(spec, std)
+            yield spec.name, dummy_tensor(spec, std, self.device)
 
     def tokenizer_files(self) -> dict[str, bytes]:
         return tokenizer_files(self.source)
 
 
-def dummy_tensor(spec: TensorSpec, std: float) -> torch.Tensor:
-    """A reproducible random tensor for `spec` (same name, same values)."""
+def dummy_tensor(spec: TensorSpec, std: float, device: str = "cpu") -> torch.Tensor:
+    """A reproducible random tensor for `spec` (same name and device, same values), made on
+    `device` (a GPU generates an 8B model in about a second; the host would take minutes)."""
     leaf = spec.name.rsplit(".", 1)[-1]
     if leaf == "bias" or not spec.dtype.is_floating_point:
-        return torch.zeros(spec.shape, dtype=spec.dtype)
+        return torch.zeros(spec.shape, dtype=spec.dtype, device=device)
     if len(spec.shape) == 1:  # norm scales: 1 keeps activations the size they were
-        return torch.ones(spec.shape, dtype=spec.dtype)
-    generator = torch.Generator().manual_seed(zlib.crc32(spec.name.encode()))
-    return torch.randn(spec.shape, generator=generator, dtype=torch.float32).mul_(std).to(spec.dtype)
+        return torch.ones(spec.shape, dtype=spec.dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed(zlib.crc32(spec.name.encode()))
+    values = torch.randn(spec.shape, generator=generator, dtype=torch.float32, device=device)
+    return values.mul_(std).to(spec.dtype)

@@ -66,6 +66,11 @@ class ModelReport:
     kv_cache_bytes_per_token: int
     memory_bytes: int
     footprints: list[PrecisionFootprint] = field(default_factory=list)
+    # One rank of the model split over tensor_parallel_size ranks (all ranks hold the same sizes).
+    tensor_parallel_size: int = 1
+    rank_parameter_count: int = 0
+    rank_kv_cache_bytes_per_token: int = 0
+    rank_footprints: list[PrecisionFootprint] = field(default_factory=list)
 
 
 def layer_type(name: str) -> str:
@@ -77,13 +82,16 @@ def layer_type(name: str) -> str:
 
 
 def inspect_model(
-    model: str, load_format: str = "auto", memory_bytes: int = 0, kv_cache_dtype: str = "bfloat16"
+    model: str, load_format: str = "auto", memory_bytes: int = 0, kv_cache_dtype: str = "bfloat16",
+    tensor_parallel_size: int = 1,
 ) -> ModelReport:
     """Report on a HF folder, .gguf file, config.json alone, or cached model id, without loading it.
 
     A folder with a config.json but no weights, or load_format "dummy", is
-    counted from the config. Raises InvalidArgumentError for an unknown
-    kv_cache_dtype or negative memory_bytes, and what open_checkpoint raises.
+    counted from the config. tensor_parallel_size > 1 adds what one rank holds
+    (memory_bytes then being one device's). Raises InvalidArgumentError for an
+    unknown kv_cache_dtype, negative memory_bytes or a size the model does not
+    split by, and what open_checkpoint raises.
     """
     kv_cache_dtype = kv_cache_dtype or "bfloat16"
     if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -100,11 +108,14 @@ def inspect_model(
         counts[kind] = counts.get(kind, 0) + math.prod(spec.shape)
     total = sum(counts.values())
     groups = [ParameterGroup(kind, count, count / total) for kind, count in sorted(counts.items(), key=lambda kv: -kv[1])]
-    footprints = []
-    for precision, width in PRECISION_BYTES.items():
-        weight_bytes = math.ceil(total * width)
-        fit = (memory_bytes - weight_bytes) // kv_bytes_per_token if memory_bytes > weight_bytes else 0
-        footprints.append(PrecisionFootprint(precision, weight_bytes, fit))
+    footprints = _footprints(total, kv_bytes_per_token, memory_bytes)
+    rank = {}
+    if tensor_parallel_size > 1:
+        rank_parameters, rank_kv_heads = _rank_sizes(config, tensor_parallel_size)
+        rank_kv_bytes = kv_bytes_per_token // num_kv_heads * rank_kv_heads
+        rank = dict(tensor_parallel_size=tensor_parallel_size, rank_parameter_count=rank_parameters,
+                    rank_kv_cache_bytes_per_token=rank_kv_bytes,
+                    rank_footprints=_footprints(rank_parameters, rank_kv_bytes, memory_bytes))
     return ModelReport(
         source=source,
         architecture=architecture_of(config),
@@ -119,7 +130,33 @@ def inspect_model(
         kv_cache_bytes_per_token=kv_bytes_per_token,
         memory_bytes=memory_bytes,
         footprints=footprints,
+        **rank,
     )
+
+
+def _footprints(parameters: int, kv_bytes_per_token: int, memory_bytes: int) -> list[PrecisionFootprint]:
+    footprints = []
+    for precision, width in PRECISION_BYTES.items():
+        weight_bytes = math.ceil(parameters * width)
+        fit = (memory_bytes - weight_bytes) // kv_bytes_per_token if memory_bytes > weight_bytes else 0
+        footprints.append(PrecisionFootprint(precision, weight_bytes, fit))
+    return footprints
+
+
+def _rank_sizes(config: dict, size: int) -> tuple[int, int]:
+    """(parameters one rank holds, its KV heads): the model's parameters, built on "meta",
+    each cut as the loader cuts it (llmexec.models.tensor_parallel)."""
+    from llmexec.models.config_keys import standard_config
+    from llmexec.models.registry import model_class_for
+    from llmexec.models.tensor_parallel import plan_for, rank_config, rank_shape, split_of
+
+    config = standard_config(config)
+    model_class = model_class_for(architecture_of(config), config)
+    splits = plan_for(model_class, config, size)
+    parameters = 0
+    for name, parameter in model_class(config).named_parameters():
+        parameters += math.prod(rank_shape(tuple(parameter.shape), *split_of(splits, name), size))
+    return parameters, rank_config(config, size)["num_key_value_heads"]
 
 
 def _config_and_specs(source: str, load_format: str) -> tuple[dict, list[TensorSpec], str]:

@@ -88,7 +88,7 @@ class SafetensorsCheckpoint(Checkpoint):
             path = os.path.join(self.source, shard)
             header = read_header(path)  # validates truncation before safe_open maps it
             try:
-                with safe_open(path, framework="pt") as shard_file:
+                with safe_open(path, framework="pt", device=self.device) as shard_file:
                     for name in names or header:
                         yield name, shard_file.get_tensor(name)
             except SafetensorError as error:

@@ -18,7 +18,7 @@ import torch
 
 from llmexec.errors import CheckpointError, ResourceExhaustedError
 from llmexec.loader.checkpoint import Checkpoint
-from llmexec.loader.weight_plan import TargetTensor, fill_slice, passthrough_plan
+from llmexec.loader.weight_plan import SourceSlice, TargetTensor, fill_slice, passthrough_plan
 from llmexec.weight_layout import TensorLocation, WeightLayout, WeightSegment
 
 # tmpfs: pages live in RAM and any process on the host (or pod, with an
@@ -73,6 +73,38 @@ class SharedWeights:
             _unlink(path)
             raise
         return cls(layout, tensors)
+
+    @classmethod
+    def create_ranks(
+        cls,
+        model_id: str,
+        checkpoint: Checkpoint,
+        dtype: torch.dtype | None,
+        plans: Sequence[Sequence[TargetTensor]],
+    ) -> list[SharedWeights]:
+        """One file per tensor-parallel rank, each filled with its plan's targets
+        (llmexec.loader.tp_plan.shard_plans), from a single pass over `checkpoint`.
+
+        Raises as `create`; on any failure no file is left behind.
+        """
+        paths: list[str] = []
+        try:
+            shards, stores = [], []
+            for rank, plan in enumerate(plans):
+                path = os.path.join(SHM_DIR, f"llmexec-{_file_safe(model_id)}-rank{rank}-{secrets.token_hex(4)}")
+                locations, size = plan_layout(plan, dtype)
+                _reserve(path, size)
+                paths.append(path)
+                buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+                tensors = {location.name: _view(buffer, location) for location in locations}
+                shards.append(cls(WeightLayout(segments=[WeightSegment(path, size)], tensors=locations), tensors))
+                stores.append((plan, tensors))
+            _stream_into(checkpoint, stores)
+        except BaseException:
+            for path in paths:
+                _unlink(path)
+            raise
+        return shards
 
     @property
     def path(self) -> str:
@@ -155,20 +187,33 @@ def _view(buffer: torch.Tensor, location: TensorLocation) -> torch.Tensor:
 
 def _stream(checkpoint: Checkpoint, plan: Sequence[TargetTensor], targets: dict[str, torch.Tensor]) -> None:
     """Copy each streamed tensor into its slice of its target, casting; check name and shape."""
-    slices = {source.name: (target.name, source) for target in plan for source in target.sources}
+    _stream_into(checkpoint, [(plan, targets)])
+
+
+def _stream_into(
+    checkpoint: Checkpoint, stores: Sequence[tuple[Sequence[TargetTensor], dict[str, torch.Tensor]]]
+) -> None:
+    """Stream `checkpoint` once into several (plan, targets) stores (one per tensor-parallel rank):
+    each tensor is copied, cast, into every slice any plan takes from it (a rank's slice of a
+    fused tensor can take several)."""
+    slices: dict[str, list[tuple[dict[str, torch.Tensor], str, SourceSlice]]] = {}
+    for plan, targets in stores:
+        for target in plan:
+            for source in target.sources:
+                slices.setdefault(source.name, []).append((targets, target.name, source))
     filled = set()
     for name, tensor in checkpoint.iter_tensors():
         if name not in slices:
             raise CheckpointError(f"{checkpoint.source}: tensor {name} was read but is not in its tensor list")
         if name in filled:
             raise CheckpointError(f"{checkpoint.source}: tensor {name} appears twice")
-        target_name, source = slices[name]
-        if tuple(tensor.shape) != source.shape:
-            raise CheckpointError(
-                f"{checkpoint.source}: tensor {name} has shape {list(tensor.shape)} "
-                f"but its header says {list(source.shape)}; the file is corrupt or changed while loading"
-            )
-        fill_slice(targets[target_name], source, tensor)
+        for targets, target_name, source in slices[name]:
+            if tuple(tensor.shape) != source.shape:
+                raise CheckpointError(
+                    f"{checkpoint.source}: tensor {name} has shape {list(tensor.shape)} "
+                    f"but its header says {list(source.shape)}; the file is corrupt or changed while loading"
+                )
+            fill_slice(targets[target_name], source, tensor)
         filled.add(name)
     missing = [name for name in slices if name not in filled]
     if missing:

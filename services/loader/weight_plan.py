@@ -34,12 +34,18 @@ from llmexec.models.moe import StackedExperts
 
 @dataclass(frozen=True)
 class SourceSlice:
-    """One checkpoint tensor's place in a target: it fills target[index][offset : offset + shape[0]]."""
+    """One checkpoint tensor's place in a target: it fills target[index][offset : offset + shape[0]].
+
+    With a `cut` (a tensor-parallel rank's part, llmexec.loader.tp_plan) only
+    tensor.narrow(dim, start, length) is taken, and it lands at `offset` along
+    that same dim of target[index].
+    """
 
     name: str  # the checkpoint tensor
     shape: tuple[int, ...]  # its shape in the checkpoint
     index: tuple[int, ...] = ()  # leading target dims it sits at (the expert, for stacked experts)
     offset: int = 0  # its first row along the first dim after `index`
+    cut: tuple[int, int, int] | None = None  # (dim, start, length) of the checkpoint tensor taken; None: all
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,8 @@ class TargetTensor:
     @property
     def is_passthrough(self) -> bool:
         """One checkpoint tensor, whole and unchanged: no copy needed in process."""
-        return len(self.sources) == 1 and self.sources[0].index == () and self.sources[0].shape == self.shape
+        source = self.sources[0] if len(self.sources) == 1 else None
+        return source is not None and source.index == () and source.cut is None and source.shape == self.shape
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,8 @@ def materialize(plan: Sequence[TargetTensor], tensors: Mapping[str, torch.Tensor
             source = target.sources[0]
             result[target.name] = _checked(tensors, source)
             continue
-        filled = torch.empty(target.shape, dtype=target.dtype)
+        # Zeros: rows no source fills (a rank's vocabulary padding, a row-parallel bias off rank 0) stay 0.
+        filled = torch.zeros(target.shape, dtype=target.dtype)
         for source in target.sources:
             fill_slice(filled, source, _checked(tensors, source))
         result[target.name] = filled
@@ -172,9 +180,13 @@ def materialize(plan: Sequence[TargetTensor], tensors: Mapping[str, torch.Tensor
 
 
 def fill_slice(target: torch.Tensor, source: SourceSlice, tensor: torch.Tensor) -> None:
-    """Copy `tensor` (casting) into its slice of `target`, in place."""
+    """Copy `tensor` (casting; its cut when the source has one) into its slice of `target`, in place."""
     place = target[source.index]
-    if source.shape:  # a 0-dim tensor (e.g. an old checkpoint's scalar buffer) has no rows to narrow
+    if source.cut is not None:
+        dim, start, length = source.cut
+        tensor = tensor.narrow(dim, start, length)
+        place = place.narrow(dim, source.offset, length)
+    elif source.shape:  # a 0-dim tensor (e.g. an old checkpoint's scalar buffer) has no rows to narrow
         place = place.narrow(0, source.offset, source.shape[0])
     place.copy_(tensor)
 

@@ -8,15 +8,22 @@ each sequence uses; the runner trusts the step only after validating it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
 from llmexec.errors import InvalidArgumentError
+from llmexec.kernels.backend import uses_triton_on
 from llmexec.models.attention import AttentionMetadata
 from llmexec.models.config_keys import standard_config
+from llmexec.models.parallel_layers import TensorParallelGroup, parallelize
 from llmexec.models.registry import architecture_of, model_class_for
+from llmexec.models.tensor_parallel import plan_for, rank_config
 from llmexec.quantization.linear_swap import swap_quantized_linears
+from llmexec.runner.cuda_graphs import DecodeGraphs
+from llmexec.runner.gpu_memory import kv_cache_blocks, profile_activation_bytes
 from llmexec.runner.sampler import sample, token_logprobs
 from llmexec.step import StepInput, StepOutput
 
@@ -36,6 +43,16 @@ def num_blocks_for_memory(config: Mapping, block_size: int, num_bytes: int, dtyp
     return num_bytes // bytes_per_block
 
 
+@dataclass
+class GpuOptions:
+    """How a runner on CUDA sizes its KV cache and which decode steps run as CUDA graphs."""
+
+    gpu_memory_utilization: float = 0.9  # the device's use once the cache is allocated (gpu_memory)
+    max_num_batched_tokens: int = 8192  # the largest step, profiled for activation memory
+    cuda_graph_max_batch: int = 256  # 0: no CUDA graphs
+    cuda_graph_max_seq_len: int = 8192  # longer contexts decode eagerly
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -44,24 +61,44 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         device: torch.device | str = "cpu",
-        kv_cache_dtype: torch.dtype = torch.float32,
+        kv_cache_dtype: torch.dtype | None = None,
+        tensor_parallel: TensorParallelGroup | None = None,
+        gpu: GpuOptions | None = None,
     ) -> None:
         """config: HF config dict; weights: HF-named tensors, used in place (not copied)
-        when already on `device`."""
-        if num_blocks <= 0 or block_size <= 0:
+        when already on `device`. With `tensor_parallel`, weights are this rank's shard
+        (llmexec.loader.tp_plan) and every rank must run the same steps.
+        kv_cache_dtype: default float32 on CPU, the weights' dtype on CUDA. On CUDA,
+        num_blocks 0 sizes the cache from free memory, and decode runs as CUDA graphs (gpu)."""
+        started = time.perf_counter()
+        self.startup_seconds: dict[str, float] = {}  # where the runner's start went, by phase
+        if num_blocks < 0 or (num_blocks == 0 and torch.device(device).type != "cuda") or block_size <= 0:
             raise InvalidArgumentError(f"num_blocks and block_size must be > 0, got {num_blocks} and {block_size}")
         self.device = torch.device(device)
         self.block_size = block_size
-        self.num_blocks = num_blocks
-        self.kv_cache_dtype = kv_cache_dtype
         config = standard_config(config)
         model_class = model_class_for(architecture_of(config), config)
+        self.vocab_size = config["vocab_size"]
+        self.tensor_parallel = tensor_parallel
+        if tensor_parallel is not None:  # this rank's heads and slices of the MLP and vocabulary
+            tensor_parallel_plan = plan_for(model_class, config, tensor_parallel.size)
+            config = rank_config(config, tensor_parallel.size)
         self.model = model_class(config)
         # Linears the loader quantized become quantized modules over the same tensors.
-        self.model.load_weights(swap_quantized_linears(self.model, weights))
+        weights = swap_quantized_linears(self.model, weights)
+        if tensor_parallel is not None:
+            parallelize(self.model, tensor_parallel_plan, tensor_parallel, self.vocab_size)
+        self.model.load_weights(weights)
         self.model.to(self.device).eval()
-        self.vocab_size = config["vocab_size"]
         num_layers, num_kv_heads, head_dim = kv_cache_spec(config)
+        gpu = gpu or GpuOptions()
+        self.startup_seconds["model"] = time.perf_counter() - started
+        self.kv_cache_dtype = kv_cache_dtype = kv_cache_dtype or self._default_kv_cache_dtype()
+        if num_blocks == 0:
+            num_blocks = self._blocks_for_free_memory(gpu, (num_layers, num_kv_heads, head_dim))
+            if tensor_parallel is not None:  # one block table serves every rank: the smallest cache fits all
+                num_blocks = tensor_parallel.min_over_ranks(num_blocks)
+        self.num_blocks = num_blocks
         # Zeroed, not empty: padded decode positions are masked out, but 0 * NaN from
         # uninitialised memory would still poison the weighted sum.
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
@@ -72,6 +109,28 @@ class ModelRunner:
             )
             for _ in range(num_layers)
         ]
+        self.startup_seconds["kv_cache"] = time.perf_counter() - started - sum(self.startup_seconds.values())
+        self.decode_graphs = None
+        if uses_triton_on(self.device) and gpu.cuda_graph_max_batch > 0:
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, block_size, gpu.cuda_graph_max_batch,
+                                              gpu.cuda_graph_max_seq_len, self.device)
+            self.decode_graphs.capture()
+            self.startup_seconds["cuda_graphs"] = self.decode_graphs.capture_seconds
+
+    def _default_kv_cache_dtype(self) -> torch.dtype:
+        """float32 on CPU; on CUDA the dtype the model computes in (the Triton kernels read the
+        cache in the query's dtype): its first floating parameter's (quantized codes are not)."""
+        if self.device.type != "cuda":
+            return torch.float32
+        return next((p.dtype for p in self.model.parameters() if p.dtype.is_floating_point), torch.float32)
+
+    def _blocks_for_free_memory(self, gpu: GpuOptions, spec: tuple[int, int, int]) -> int:
+        num_layers, num_kv_heads, head_dim = spec
+        shape = (num_layers, self.block_size, num_kv_heads, head_dim)
+        activations = profile_activation_bytes(self.model, gpu.max_num_batched_tokens, shape, self.kv_cache_dtype,
+                                               self.device, max(gpu.cuda_graph_max_batch, 256))
+        bytes_per_block = 2 * num_layers * self.block_size * num_kv_heads * head_dim * self.kv_cache_dtype.itemsize
+        return kv_cache_blocks(bytes_per_block, gpu.gpu_memory_utilization, activations, self.device)
 
     def execute(self, step: StepInput) -> list[int]:
         """Run the step; return one sampled token id per sequence with needs_sample, in order."""
@@ -80,7 +139,11 @@ class ModelRunner:
     def execute_step(self, step: StepInput, histories: list[list[int] | None] | None = None) -> StepOutput:
         """Run the step and sample; histories (one per sampled sequence, see
         TokenHistories.update) feed the penalties. Logprobs where asked."""
-        logits = self.execute_logits(step)
+        return self.sample_step(step, self.execute_logits(step), histories)
+
+    def sample_step(self, step: StepInput, logits: torch.Tensor,
+                    histories: list[list[int] | None] | None = None) -> StepOutput:
+        """Sample from execute_logits' result (on CUDA this is where the host waits for the GPU)."""
         sampled = [s for s in step.sequences if s.needs_sample]
         params = [s.sampling_params for s in sampled]
         with torch.inference_mode():
@@ -88,8 +151,17 @@ class ModelRunner:
             return StepOutput(sampled_token_ids=token_ids, logprobs=token_logprobs(logits, token_ids, params))
 
     def execute_logits(self, step: StepInput) -> torch.Tensor:
-        """Run the step; return logits [num sequences with needs_sample, vocab] float32."""
+        """Run the step; return logits [num sequences with needs_sample, vocab] float32.
+
+        On CUDA this returns once the work is queued, so the caller can do host work while
+        the GPU runs (sample_step waits)."""
         self.validate(step)
+        if self.decode_graphs is not None and self.decode_graphs.fits(step):
+            logits = self.decode_graphs.run(step)
+            if all(s.needs_sample for s in step.sequences):
+                return logits
+            rows = [i for i, s in enumerate(step.sequences) if s.needs_sample]
+            return logits[torch.tensor(rows, dtype=torch.int64, device=self.device)]
         with torch.inference_mode():
             input_ids = torch.tensor(step.input_ids, dtype=torch.int64, device=self.device)
             positions = torch.tensor(step.positions, dtype=torch.int64, device=self.device)

@@ -12,11 +12,29 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class CudaIpcHandle:
+    """How another process on the host opens a device allocation: the fields of
+    torch.multiprocessing.reductions.reduce_tensor's CUDA result, typed (never pickled)."""
+
+    device_index: int
+    device_uuid: str  # the GPU's UUID: importers may number the devices differently
+    memory_handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+
+
+@dataclass(frozen=True)
 class WeightSegment:
-    """One shared-memory region: a file under /dev/shm on CPU."""
+    """One shared region: a file under /dev/shm on CPU (path), or a device allocation
+    exported through CUDA IPC (cuda_ipc; path empty)."""
 
     path: str
     size_bytes: int
+    cuda_ipc: CudaIpcHandle | None = None
 
 
 @dataclass(frozen=True)

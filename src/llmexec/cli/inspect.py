@@ -30,6 +30,8 @@ def add_inspect_parser(sub) -> None:
     p.add_argument("--memory", type=parse_bytes, default=0,
                    help="memory for weights + KV cache, e.g. 80GB or 24GiB: reports how many tokens of KV cache fit")
     p.add_argument("--kv-cache-dtype", default="bfloat16")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="also size one rank of the model split over this many ranks (--memory is then per device)")
     p.add_argument("--loader", default="", help="ask the loader at this address instead of reading here")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -40,7 +42,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         from llmexec.loader.model_inspector import inspect_model
 
-        report = asdict(inspect_model(args.model, args.load_format, args.memory, args.kv_cache_dtype))
+        report = asdict(inspect_model(args.model, args.load_format, args.memory, args.kv_cache_dtype,
+                                      args.tensor_parallel_size))
     print(json.dumps(report, indent=2) if args.json else "\n".join(format_report(report)))
     return 0
 
@@ -51,7 +54,8 @@ def _ask_loader(args: argparse.Namespace) -> dict:
     from llmexec.v1 import loader_pb2, loader_pb2_grpc
 
     request = loader_pb2.InspectModelRequest(model=args.model, load_format=args.load_format,
-                                             memory_bytes=args.memory, kv_cache_dtype=args.kv_cache_dtype)
+                                             memory_bytes=args.memory, kv_cache_dtype=args.kv_cache_dtype,
+                                             tensor_parallel_size=args.tensor_parallel_size)
     with grpc.insecure_channel(args.loader) as channel:
         reply = loader_pb2_grpc.LoaderServiceStub(channel).InspectModel(request, timeout=300)
     return report_from_pb(reply)
@@ -60,16 +64,19 @@ def _ask_loader(args: argparse.Namespace) -> dict:
 def report_from_pb(reply) -> dict:
     """InspectModelResponse -> the dict asdict(ModelReport) gives, field for field."""
     scalars = ("source", "architecture", "parameter_source", "load_format", "parameter_count", "num_layers",
-               "num_kv_heads", "head_dim", "kv_cache_dtype", "kv_cache_bytes_per_token", "memory_bytes")
+               "num_kv_heads", "head_dim", "kv_cache_dtype", "kv_cache_bytes_per_token", "memory_bytes",
+               "tensor_parallel_size", "rank_parameter_count", "rank_kv_cache_bytes_per_token")
     report = {name: getattr(reply, name) for name in scalars}
+    report["tensor_parallel_size"] = report["tensor_parallel_size"] or 1
     report["parameter_groups"] = [
         {"layer_type": g.layer_type, "parameter_count": g.parameter_count, "share": g.share}
         for g in reply.parameter_groups
     ]
-    report["footprints"] = [
-        {"precision": f.precision, "weight_bytes": f.weight_bytes, "kv_cache_tokens": f.kv_cache_tokens}
-        for f in reply.footprints
-    ]
+    for key in ("footprints", "rank_footprints"):
+        report[key] = [
+            {"precision": f.precision, "weight_bytes": f.weight_bytes, "kv_cache_tokens": f.kv_cache_tokens}
+            for f in getattr(reply, key)
+        ]
     return report
 
 
@@ -92,11 +99,23 @@ def format_report(report: dict) -> list[str]:
         f"(K and V x {report['num_layers']} layers x {report['num_kv_heads']} KV heads x {report['head_dim']} head dim)"
     )
     memory = report["memory_bytes"]
-    header = f"  {'weights at':<12}{'bytes':>18}{'':>12}"
+    lines += _footprint_table(report["footprints"], memory, "weights at")
+    size = report.get("tensor_parallel_size", 1)
+    if size > 1:
+        lines.append(
+            f"tensor parallel {size}: each rank holds {report['rank_parameter_count']:,} parameters and "
+            f"{report['rank_kv_cache_bytes_per_token']:,} bytes of KV cache per token"
+        )
+        lines += _footprint_table(report["rank_footprints"], memory, "rank at")
+    return lines
+
+
+def _footprint_table(rows: list[dict], memory: int, title: str) -> list[str]:
+    header = f"  {title:<12}{'bytes':>18}{'':>12}"
     if memory:
         header += f"{f'KV tokens in {_human(memory)}':>26}"
-    lines.append(header)
-    for row in report["footprints"]:
+    lines = [header]
+    for row in rows:
         line = f"  {row['precision']:<12}{row['weight_bytes']:>18,}{_human(row['weight_bytes']):>12}"
         if memory:
             line += f"{row['kv_cache_tokens']:>26,}" if row["kv_cache_tokens"] else f"{'weights do not fit':>26}"

@@ -27,6 +27,9 @@ def add_up_parser(sub) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantization", default="", choices=["", *QUANTIZATIONS], help=QUANTIZATION_HELP)
     p.add_argument("--quantization-group-size", type=int, default=0, help="input columns per int4 scale (default 128)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over this many ranks: the loader keeps one shard per rank, the runner "
+                        "runs one process per rank (gloo on CPU, NCCL on GPUs); the scheduler sees one runner")
     p.add_argument("--redis-url", default="", help="use this Redis instead of starting an embedded one")
     p.add_argument("--scheduler-port", type=int, default=50051, help="0 picks a free port")
     p.add_argument("--loader-port", type=int, default=50052, help="0 picks a free port")
@@ -65,6 +68,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         args.model = str(demo_model_path())
     opts = vars(args)
+    if args.tensor_parallel_size > 1:
+        check_tensor_parallel(args.model, args.load_format, args.tensor_parallel_size, str(opts.get("device") or ""))
     try:
         records = stack.up(opts)
     except RuntimeError as exc:
@@ -95,6 +100,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     stopped = stack.down(records)
     print(f"stopped {', '.join(stopped) or 'nothing'}")
     return exit_code
+
+
+def check_tensor_parallel(model: str, load_format: str, size: int, device: str) -> None:
+    """Refuse, before starting anything, a size the model does not split by (its heads, KV heads,
+    intermediate size, an architecture without a plan) or that exceeds the devices."""
+    from llmexec.loader.checkpoint import open_checkpoint
+    from llmexec.models.config_keys import standard_config
+    from llmexec.models.registry import model_class_for
+    from llmexec.models.tensor_parallel import plan_for
+    from llmexec.runner.tp_worker import check_devices
+
+    checkpoint = open_checkpoint(model, load_format)
+    plan_for(model_class_for(checkpoint.architecture, checkpoint.config), standard_config(checkpoint.config), size)
+    check_devices(size, device if device.startswith("cuda") else "cpu")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

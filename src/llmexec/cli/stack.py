@@ -122,7 +122,8 @@ def service_argv(name: str, port: int, records: dict[str, ServiceRecord], opts: 
     if name == "loader":
         return py + ["--model", opts["model"], "--dtype", opts["dtype"], "--load-format", opts["load_format"],
                      "--quantization", opts.get("quantization", ""),
-                     "--quantization-group-size", str(opts.get("quantization_group_size", 0))]
+                     "--quantization-group-size", str(opts.get("quantization_group_size", 0)),
+                     "--tensor-parallel-size", str(opts.get("tensor_parallel_size") or 1)]
     if name == "runner":
         argv = py + ["--loader", records["loader"].address, "--block-size", str(opts["block_size"]),
                      "--kv-cache-gib", str(opts["kv_cache_gib"])]

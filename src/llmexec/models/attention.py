@@ -13,7 +13,7 @@ from itertools import accumulate
 import torch
 from torch import nn
 
-from llmexec.kernels.torch_reference import paged_attention, reshape_and_cache
+from llmexec.kernels.backend import paged_attention, reshape_and_cache, uses_triton_on
 from llmexec.step import StepInput
 
 
@@ -42,11 +42,16 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor  # [D] int64, their seq_len: each decode query sits at position seq_len - 1
     decode_block_tables: torch.Tensor  # [D, N] int64, N blocks cover their longest seq_len; padded with 0
     decode_key_mask: torch.Tensor  # [D, 1, 1, N * block_size] bool, True where the position exists
-    prefill_spans: list[PrefillSpan]
+    prefill_spans: list[PrefillSpan]  # empty on the Triton path, which reads query_start_loc instead
 
     @classmethod
     def build(cls, step: StepInput, block_size: int, device: torch.device | str) -> "AttentionMetadata":
-        """Make the step's tensors on `device`. Assumes the step was validated."""
+        """Make the step's tensors on `device`. Assumes the step was validated.
+
+        On CUDA (the Triton kernels) the fields only the torch reference reads, decode_key_mask and
+        prefill_spans, are left empty: each would cost host-to-device copies every step.
+        """
+        for_reference = not uses_triton_on(device)
         seqs = step.sequences
         query_lens = [s.query_len for s in seqs]
         seq_lens = [s.seq_len for s in seqs]
@@ -60,11 +65,11 @@ class AttentionMetadata:
         decode_blocks = _num_blocks(max((seq_lens[i] for i in decodes), default=0), block_size)
         decode_len = decode_blocks * block_size
         decode_seq_lens = torch.tensor([seq_lens[i] for i in decodes], dtype=torch.int64)
-        decode_key_mask = torch.arange(decode_len) < decode_seq_lens[:, None]
+        decode_key_mask = torch.arange(decode_len if for_reference else 0) < decode_seq_lens[:, None]
 
         prefill_spans = []
         for i, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
-            if query_len == 1:
+            if query_len == 1 or not for_reference:
                 continue
             attn_mask = None
             if query_len != seq_len:  # earlier context in the cache: the causal diagonal is shifted
@@ -86,7 +91,7 @@ class AttentionMetadata:
             decode_query_rows=torch.tensor([query_start_loc[i] for i in decodes], dtype=torch.int64, device=device),
             decode_seq_lens=decode_seq_lens.to(device),
             decode_block_tables=block_tables[decodes, :decode_blocks].to(device, torch.int64),
-            decode_key_mask=decode_key_mask.view(len(decodes), 1, 1, decode_len).to(device),
+            decode_key_mask=decode_key_mask.view(len(decodes), 1, 1, decode_key_mask.shape[-1]).to(device),
             prefill_spans=prefill_spans,
         )
 

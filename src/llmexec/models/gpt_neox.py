@@ -18,6 +18,7 @@ from torch import nn
 from llmexec.models.activations import activation
 from llmexec.models.attention import Attention, AttentionMetadata
 from llmexec.models.layers import RotaryEmbedding, apply_partial_rotary, rope_settings
+from llmexec.models.tensor_parallel import ROW, VOCAB, ColumnSplit, Split
 from llmexec.models.weight_binding import bind_checkpoint_tensors
 
 # Buffers older checkpoints saved: causal masks and the rotary table, all recomputed here.
@@ -41,10 +42,11 @@ class GPTNeoXAttention(nn.Module):
     def __init__(self, config: Mapping) -> None:
         super().__init__()
         hidden_size, num_heads = config["hidden_size"], config["num_attention_heads"]
-        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        # head_dim in the config: a tensor-parallel rank's config has fewer heads, same head_dim.
+        self.num_heads, self.head_dim = num_heads, config.get("head_dim") or hidden_size // num_heads
         bias = bool(config.get("attention_bias", True))
-        self.query_key_value = nn.Linear(hidden_size, 3 * hidden_size, bias=bias)
-        self.dense = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.query_key_value = nn.Linear(hidden_size, 3 * num_heads * self.head_dim, bias=bias)
+        self.dense = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
         self.attn = Attention(num_heads, num_heads, self.head_dim, scale=self.head_dim**-0.5)
 
     def forward(self, hidden, cos, sin, attn_metadata: AttentionMetadata, kv_cache) -> torch.Tensor:
@@ -96,7 +98,7 @@ class GPTNeoXModel(nn.Module):
 class GPTNeoXForCausalLM(nn.Module):
     def __init__(self, config: Mapping) -> None:
         super().__init__()
-        head_dim = config["hidden_size"] // config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
         with torch.device("meta"):  # shapes only: load_weights supplies the storage
             self.gpt_neox = GPTNeoXModel(config)
@@ -107,6 +109,24 @@ class GPTNeoXForCausalLM(nn.Module):
         max_positions = config.get("max_position_embeddings", 2048)
         self.rotary_emb = RotaryEmbedding(rotary_dim, theta, scaling, max_positions)
         self.requires_grad_(False)
+
+    @classmethod
+    def tensor_parallel_plan(cls, config: Mapping) -> dict[str, Split]:
+        """How the weights split across tensor-parallel ranks (llmexec.models.tensor_parallel).
+
+        query_key_value's rows are [heads, 3, head_dim]: one part of `heads` units of 3 * head_dim rows.
+        """
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        return {
+            "gpt_neox.embed_in": VOCAB,
+            "embed_out": VOCAB,
+            "lm_head": VOCAB,  # the head's name in transformers >= 5 checkpoints
+            "gpt_neox.layers.*.attention.query_key_value": ColumnSplit(((heads, 3 * head_dim),)),
+            "gpt_neox.layers.*.attention.dense": ROW,
+            "gpt_neox.layers.*.mlp.dense_h_to_4h": ColumnSplit(((config["intermediate_size"], 1),)),
+            "gpt_neox.layers.*.mlp.dense_4h_to_h": ROW,
+        }
 
     def _parameter_name(self, name: str) -> str | None:
         if _SAVED_BUFFER.fullmatch(name):

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmexec.errors import UnsupportedArchitectureError
+from llmexec.kernels import backend
+from llmexec.kernels.rotary_table import rotary_cos_sin_cache
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -27,6 +29,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> same shape and dtype; the variance is taken in float32."""
+        if backend.uses_triton(hidden):  # one kernel, same numerics
+            rows = hidden.reshape(-1, hidden.shape[-1])
+            return backend.rms_norm(rows, self.weight, self.eps).view(hidden.shape)
         input_dtype = hidden.dtype
         hidden = hidden.to(torch.float32)
         hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -106,6 +111,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling, max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.max_positions = max_position_embeddings
+
+    def cos_sin_cache(self, device: torch.device) -> torch.Tensor:
+        """The [max_positions, rotary_dim] float32 table the Triton kernel reads, built once per device."""
+        table = getattr(self, "_cos_sin_cache", None)
+        if table is None or table.device != device:
+            table = self._cos_sin_cache = rotary_cos_sin_cache(self.inv_freq, self.max_positions, device)
+        return table
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> (cos, sin), each [T, head_dim] in `dtype`; computed once per step."""
@@ -129,3 +142,28 @@ def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     if rotary_dim == x.shape[-1]:
         return apply_rotary(x, cos, sin)
     return torch.cat((apply_rotary(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)
+
+
+class StepRotary:
+    """One step's rotary, shared by every layer: apply(query, key) rotates the first rotary_dim
+    dims of each head by its token's position.
+
+    On CUDA the Triton kernel rotates in place from a float32 cos/sin table indexed by position
+    (no per-step tables, nothing the CUDA graphs would have to re-capture); elsewhere the
+    torch path computes (cos, sin) once per step, as transformers does.
+    """
+
+    def __init__(self, rotary_emb: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype) -> None:
+        self.positions = positions
+        if backend.uses_triton(positions):
+            self.cos_sin_cache = rotary_emb.cos_sin_cache(positions.device)
+        else:
+            self.cos_sin_cache = None
+            self.cos, self.sin = rotary_emb(positions, dtype)
+
+    def apply(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [T, heads, head_dim], key [T, kv_heads, head_dim] -> rotated (same shapes; in place on CUDA)."""
+        if self.cos_sin_cache is not None:
+            backend.rotary_embedding(self.positions, query, key, self.cos_sin_cache)
+            return query, key
+        return apply_partial_rotary(query, self.cos, self.sin), apply_partial_rotary(key, self.cos, self.sin)

@@ -23,7 +23,9 @@ from torch import nn
 
 from llmexec.errors import UnsupportedArchitectureError
 from llmexec.models.attention import Attention, AttentionMetadata
-from llmexec.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_partial_rotary, rope_inv_freq, rope_settings
+from llmexec.kernels import backend
+from llmexec.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, StepRotary, rope_inv_freq, rope_settings
+from llmexec.models.tensor_parallel import ROW, VOCAB, ColumnSplit, Split
 from llmexec.models.weight_binding import bind_checkpoint_tensors
 
 # Checkpoint entries that are not parameters and are safe to drop: old Llama checkpoints
@@ -71,15 +73,14 @@ class LlamaAttention(nn.Module):
         """query [T, heads, head_dim], key [T, kv_heads, head_dim] before rotary; Llama leaves them as they are."""
         return query, key
 
-    def forward(self, hidden, cos, sin, attn_metadata: AttentionMetadata, kv_cache) -> torch.Tensor:
+    def forward(self, hidden, rotary: StepRotary, attn_metadata: AttentionMetadata, kv_cache) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         query, key, value = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
         query, key = self.norm_query_key(
             query.view(num_tokens, -1, self.head_dim), key.view(num_tokens, -1, self.head_dim)
         )
-        query = apply_partial_rotary(query, cos, sin).flatten(1)
-        key = apply_partial_rotary(key, cos, sin).flatten(1)
-        return self.o_proj(self.attn(query, key, value, attn_metadata, kv_cache))
+        query, key = rotary.apply(query, key)
+        return self.o_proj(self.attn(query.flatten(1), key.flatten(1), value, attn_metadata, kv_cache))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -90,9 +91,30 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
 
-    def forward(self, hidden, cos, sin, attn_metadata: AttentionMetadata, kv_cache) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attn_metadata, kv_cache)
+    def forward(self, hidden, rotary: StepRotary, attn_metadata: AttentionMetadata, kv_cache) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rotary, attn_metadata, kv_cache)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    def forward_fused(
+        self, hidden, residual: torch.Tensor | None, rotary: StepRotary, attn_metadata: AttentionMetadata, kv_cache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same layer with each residual add fused into the RMSNorm after it (the CUDA path).
+
+        hidden: the previous layer's MLP output, not yet added to `residual` (None before the
+        first layer, where hidden is the embedding). Returns (this layer's MLP output, residual);
+        the caller adds them, fused into the next norm. Same sums, same rounding as forward().
+        """
+        if residual is None:
+            residual = hidden
+            normed = self.input_layernorm(hidden)
+        else:
+            normed, residual = backend.fused_add_rms_norm(
+                hidden, residual, self.input_layernorm.weight, self.input_layernorm.eps
+            )
+        attn_output = self.self_attn(normed, rotary, attn_metadata, kv_cache)
+        norm = self.post_attention_layernorm
+        normed, residual = backend.fused_add_rms_norm(attn_output, residual, norm.weight, norm.eps)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -148,6 +170,27 @@ class LlamaForCausalLM(nn.Module):
         theta, scaling = rope_settings(config)
         rope_inv_freq(2, theta, scaling, config.get("max_position_embeddings", 2048))  # raises for unknown scaling
 
+    @classmethod
+    def tensor_parallel_plan(cls, config: Mapping) -> dict[str, Split]:
+        """How the weights split across tensor-parallel ranks (llmexec.models.tensor_parallel); the rest is replicated."""
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        qkv_parts = ((heads, head_dim), (kv_heads, head_dim), (kv_heads, head_dim))  # each part split by heads
+        return {
+            "model.embed_tokens": VOCAB,
+            "lm_head": VOCAB,
+            "model.layers.*.self_attn.qkv_proj": ColumnSplit(qkv_parts),
+            "model.layers.*.self_attn.o_proj": ROW,
+            **cls.mlp_tensor_parallel_plan(config),
+        }
+
+    @classmethod
+    def mlp_tensor_parallel_plan(cls, config: Mapping) -> dict[str, Split]:
+        intermediate = config["intermediate_size"]
+        return {"model.layers.*.mlp.gate_up_proj": ColumnSplit(((intermediate, 1), (intermediate, 1))),
+                "model.layers.*.mlp.down_proj": ROW}
+
     def make_mlp(self, config: Mapping) -> nn.Module:
         return GatedMLP(config["hidden_size"], config["intermediate_size"], bias=bool(config.get("mlp_bias", False)))
 
@@ -179,9 +222,15 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids [T], positions [T], one (k_cache, v_cache) per layer -> final-normed hidden [T, hidden]."""
         hidden = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, hidden.dtype)
+        rotary = StepRotary(self.rotary_emb, positions, hidden.dtype)
+        if backend.uses_triton(hidden):  # residual adds fused into the norms (Triton)
+            residual = None
+            for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+                hidden, residual = layer.forward_fused(hidden, residual, rotary, attn_metadata, kv_cache)
+            norm = self.model.norm
+            return backend.fused_add_rms_norm(hidden, residual, norm.weight, norm.eps)[0]
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos, sin, attn_metadata, kv_cache)
+            hidden = layer(hidden, rotary, attn_metadata, kv_cache)
         return self.model.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch import nn
 
 from llmexec.models.llama import LlamaForCausalLM
 from llmexec.models.moe import SparseMoE, StackedExperts
+from llmexec.models.tensor_parallel import ROW, ColumnSplit, Split
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
@@ -26,6 +27,16 @@ class MixtralForCausalLM(LlamaForCausalLM):
         params={"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
         num_experts_key="num_local_experts",
     )
+
+    @classmethod
+    def mlp_tensor_parallel_plan(cls, config: Mapping) -> dict[str, Split]:
+        # Every expert is split by its intermediate dim (not experts by rank): each rank runs
+        # every routed expert on its slice, so the load stays even whatever the router picks.
+        intermediate = config["intermediate_size"]
+        return {
+            "model.layers.*.mlp.experts.gate_up_proj": ColumnSplit(((intermediate, 1), (intermediate, 1)), dim=1),
+            "model.layers.*.mlp.experts.down_proj": ROW,
+        }
 
     def make_mlp(self, config: Mapping) -> nn.Module:
         return SparseMoE(

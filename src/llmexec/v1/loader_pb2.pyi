@@ -7,18 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("model", "load_format", "dtype", "quantization", "quantization_group_size")
+    __slots__ = ("model", "load_format", "dtype", "quantization", "quantization_group_size", "tensor_parallel_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     load_format: str
     dtype: str
     quantization: str
     quantization_group_size: int
-    def __init__(self, model: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., quantization_group_size: _Optional[int] = ...) -> None: ...
+    tensor_parallel_size: int
+    def __init__(self, model: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., quantization_group_size: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("model_info",)
@@ -27,7 +29,7 @@ class LoadModelResponse(_message.Message):
     def __init__(self, model_info: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "architecture", "config_json", "parameter_count", "bytes_by_dtype", "source", "load_format", "has_tokenizer", "max_model_len", "vocab_size", "quantization")
+    __slots__ = ("model_id", "architecture", "config_json", "parameter_count", "bytes_by_dtype", "source", "load_format", "has_tokenizer", "max_model_len", "vocab_size", "quantization", "generation", "device", "tensor_parallel_size")
     class BytesByDtypeEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +48,9 @@ class ModelInfo(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     architecture: str
     config_json: str
@@ -57,7 +62,10 @@ class ModelInfo(_message.Message):
     max_model_len: int
     vocab_size: int
     quantization: str
-    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., config_json: _Optional[str] = ..., parameter_count: _Optional[int] = ..., bytes_by_dtype: _Optional[_Mapping[str, int]] = ..., source: _Optional[str] = ..., load_format: _Optional[str] = ..., has_tokenizer: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., quantization: _Optional[str] = ...) -> None: ...
+    generation: str
+    device: str
+    tensor_parallel_size: int
+    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., config_json: _Optional[str] = ..., parameter_count: _Optional[int] = ..., bytes_by_dtype: _Optional[_Mapping[str, int]] = ..., source: _Optional[str] = ..., load_format: _Optional[str] = ..., has_tokenizer: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., quantization: _Optional[str] = ..., generation: _Optional[str] = ..., device: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ("model_id",)
@@ -72,18 +80,44 @@ class GetModelInfoResponse(_message.Message):
     def __init__(self, model_info: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class GetWeightLayoutRequest(_message.Message):
-    __slots__ = ("model_id",)
+    __slots__ = ("model_id", "tensor_parallel_rank")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_RANK_FIELD_NUMBER: _ClassVar[int]
     model_id: str
-    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+    tensor_parallel_rank: int
+    def __init__(self, model_id: _Optional[str] = ..., tensor_parallel_rank: _Optional[int] = ...) -> None: ...
 
 class WeightSegment(_message.Message):
-    __slots__ = ("path", "size_bytes")
+    __slots__ = ("path", "size_bytes", "cuda_ipc")
     PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     path: str
     size_bytes: int
-    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    cuda_ipc: CudaIpcHandle
+    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., cuda_ipc: _Optional[_Union[CudaIpcHandle, _Mapping]] = ...) -> None: ...
+
+class CudaIpcHandle(_message.Message):
+    __slots__ = ("device_index", "device_uuid", "memory_handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    device_index: int
+    device_uuid: str
+    memory_handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, device_index: _Optional[int] = ..., device_uuid: _Optional[str] = ..., memory_handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
 
 class TensorLocation(_message.Message):
     __slots__ = ("name", "dtype", "shape", "segment_index", "offset_bytes")
@@ -116,16 +150,18 @@ class GetTokenizerRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
 
 class InspectModelRequest(_message.Message):
-    __slots__ = ("model", "load_format", "memory_bytes", "kv_cache_dtype")
+    __slots__ = ("model", "load_format", "memory_bytes", "kv_cache_dtype", "tensor_parallel_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     load_format: str
     memory_bytes: int
     kv_cache_dtype: str
-    def __init__(self, model: _Optional[str] = ..., load_format: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
+    tensor_parallel_size: int
+    def __init__(self, model: _Optional[str] = ..., load_format: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class ParameterGroup(_message.Message):
     __slots__ = ("layer_type", "parameter_count", "share")
@@ -148,7 +184,7 @@ class PrecisionFootprint(_message.Message):
     def __init__(self, precision: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ...) -> None: ...
 
 class InspectModelResponse(_message.Message):
-    __slots__ = ("source", "architecture", "parameter_source", "load_format", "parameter_count", "parameter_groups", "num_layers", "num_kv_heads", "head_dim", "kv_cache_dtype", "kv_cache_bytes_per_token", "memory_bytes", "footprints")
+    __slots__ = ("source", "architecture", "parameter_source", "load_format", "parameter_count", "parameter_groups", "num_layers", "num_kv_heads", "head_dim", "kv_cache_dtype", "kv_cache_bytes_per_token", "memory_bytes", "footprints", "tensor_parallel_size", "rank_parameter_count", "rank_kv_cache_bytes_per_token", "rank_footprints")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +198,10 @@ class InspectModelResponse(_message.Message):
     KV_CACHE_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     FOOTPRINTS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RANK_KV_CACHE_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RANK_FOOTPRINTS_FIELD_NUMBER: _ClassVar[int]
     source: str
     architecture: str
     parameter_source: str
@@ -175,7 +215,11 @@ class InspectModelResponse(_message.Message):
     kv_cache_bytes_per_token: int
     memory_bytes: int
     footprints: _containers.RepeatedCompositeFieldContainer[PrecisionFootprint]
-    def __init__(self, source: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_source: _Optional[str] = ..., load_format: _Optional[str] = ..., parameter_count: _Optional[int] = ..., parameter_groups: _Optional[_Iterable[_Union[ParameterGroup, _Mapping]]] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., kv_cache_bytes_per_token: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., footprints: _Optional[_Iterable[_Union[PrecisionFootprint, _Mapping]]] = ...) -> None: ...
+    tensor_parallel_size: int
+    rank_parameter_count: int
+    rank_kv_cache_bytes_per_token: int
+    rank_footprints: _containers.RepeatedCompositeFieldContainer[PrecisionFootprint]
+    def __init__(self, source: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_source: _Optional[str] = ..., load_format: _Optional[str] = ..., parameter_count: _Optional[int] = ..., parameter_groups: _Optional[_Iterable[_Union[ParameterGroup, _Mapping]]] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., kv_cache_bytes_per_token: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., footprints: _Optional[_Iterable[_Union[PrecisionFootprint, _Mapping]]] = ..., tensor_parallel_size: _Optional[int] = ..., rank_parameter_count: _Optional[int] = ..., rank_kv_cache_bytes_per_token: _Optional[int] = ..., rank_footprints: _Optional[_Iterable[_Union[PrecisionFootprint, _Mapping]]] = ...) -> None: ...
 
 class GetTokenizerResponse(_message.Message):
     __slots__ = ("files",)
