@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_services import LocalServices  # noqa: E402
+from local_services import LocalServices
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
@@ -103,12 +103,12 @@ def gpu_step_seconds(loader_address: str, batch_sizes: list[int], context: int, 
     graph at each batch size and time its replay with CUDA events: the GPU's own time per step."""
     import grpc
     import torch
-
-    from llmexec.rpc.client import sync_channel
     from llmexec.runner.cuda_graphs import DecodeGraphs
     from llmexec.runner.cuda_ipc_attach import attach_cuda_weights
     from llmexec.runner.model_runner import GpuOptions, ModelRunner
     from llmexec.runner.server import layout_from_pb
+
+    from llmexec.rpc.client import sync_channel
     from llmexec.step import SequenceInput, StepInput
     from llmexec.v1 import loader_pb2, loader_pb2_grpc
 
@@ -191,9 +191,8 @@ def transformers_baseline(config: dict, args) -> dict:
 
 def write_checkpoint(folder: Path, config: dict) -> int:
     import torch
-    from safetensors.torch import save_file
-
     from llmexec.loader.config_tensors import config_tensor_specs
+    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
@@ -365,7 +364,8 @@ def main() -> int:
         disk_dir = work / "disk-model"
         results["disk_checkpoint_bytes"] = write_checkpoint(disk_dir, config)
         subprocess.run(["sync"], check=False)
-        dropped = subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], capture_output=True).returncode
+        dropped = subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False,
+                                 capture_output=True).returncode
         results["disk_page_cache_dropped"] = dropped == 0
         with LocalServices(work) as services:
             start = time.perf_counter()
@@ -401,7 +401,7 @@ def print_table(results: dict, args) -> None:
         rows.append((f"non-GPU ms per step, batch {batch}", value, None, "full path - GPU"))
     print(f"\n{'metric':<52} {'llmexec':>10} {'transformers':>13}  note")
     for name, ours, theirs, note in rows:
-        fmt = lambda v: f"{v:10.2f}" if isinstance(v, (int, float)) else f"{'-':>10}"  # noqa: E731
+        fmt = lambda v: f"{v:10.2f}" if isinstance(v, (int, float)) else f"{'-':>10}"
         print(f"{name:<52} {fmt(ours)} {fmt(theirs):>13}  {note}")
     print(f"attach timings: 1st {results.get('runner_attach_timings')}, 2nd {results.get('second_runner_attach_timings')}")
 

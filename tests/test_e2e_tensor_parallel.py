@@ -9,11 +9,14 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from stack_fixture import start_stack
+from test_e2e_tiny_llama import (
+    NEW_TOKENS,
+    generate_ids,
+    tiny_llama,  # noqa: F401 - the module-scoped checkpoint fixture
+)
 
 from llmexec.v1 import loader_pb2, loader_pb2_grpc, runner_pb2, runner_pb2_grpc
-from stack_fixture import start_stack
-from test_e2e_tiny_llama import NEW_TOKENS, generate_ids
-from test_e2e_tiny_llama import tiny_llama  # noqa: F401 - the module-scoped checkpoint fixture
 
 
 @pytest.fixture(scope="module")

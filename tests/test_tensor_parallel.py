@@ -16,20 +16,15 @@ import os
 import pytest
 import torch
 import transformers
-
-from llmexec.errors import InvalidArgumentError
 from llmexec.loader.checkpoint import open_checkpoint
 from llmexec.loader.model_inspector import inspect_model
 from llmexec.loader.model_store import ModelStore
 from llmexec.loader.shm_store import SHM_DIR
 from llmexec.loader.tp_plan import shard_plans
 from llmexec.loader.weight_plan import materialize, plan_weights, specs_of
-from llmexec.models.registry import architecture_of, model_class_for
-from llmexec.models.tensor_parallel import plan_for
 from llmexec.runner.model_runner import ModelRunner
 from llmexec.runner.tp_runner import TensorParallelModelRunner
 from llmexec.runner.tp_worker import WorkerRanks
-
 from paged_harness import (
     NUM_BLOCKS,
     Sequence,
@@ -42,6 +37,10 @@ from paged_harness import (
     shuffled_blocks,
 )
 from tiny_models import TINY_LLAMA as TINY
+
+from llmexec.errors import InvalidArgumentError
+from llmexec.models.registry import architecture_of, model_class_for
+from llmexec.models.tensor_parallel import plan_for
 
 BLOCK_SIZE = 4
 NEOX_VOCAB = 251  # odd: rank 1's vocabulary slice is one row of padding short
@@ -216,3 +215,31 @@ def test_tp2_matches_tp1_and_transformers_token_by_token(split_model):
             for seq in pairs[i]:
                 seq.token_ids.append(token)
     assert len(pairs[1][1].token_ids) == 17 + 7
+
+
+def test_int4_shards_split_by_groups_and_match_unsplit_int4(ranks, tmp_path):
+    """int4 (group 32): each rank's down_proj holds half the groups; group 48 (3 groups over 128
+    inputs, the last described by g_idx) cannot be split by input columns and is refused."""
+    from llmexec.runner.weight_attach import attach_weights
+
+    hf_model("llama").save_pretrained(tmp_path)
+    store = ModelStore()
+    try:
+        whole = store.load(str(tmp_path), quantization="int4", quantization_group_size=32)
+        split = store.load(str(tmp_path), quantization="int4", quantization_group_size=32, tensor_parallel_size=2)
+        shard = attach_weights(split.rank_weights[1].layout)
+        assert shard["model.layers.0.mlp.down_proj.weight_scale"].shape == (64, 2)  # 128 inputs / 2 ranks / 32
+        split_runner = TensorParallelModelRunner.create(ranks, split.config, [w.layout for w in split.rank_weights],
+                                                        NUM_BLOCKS, BLOCK_SIZE)
+        whole_runner = ModelRunner(whole.config, attach_weights(whole.weights.layout), NUM_BLOCKS, BLOCK_SIZE)
+        sequences = [Sequence(random_prompt(10, seed=4, vocab_size=256), shuffled_blocks(), BLOCK_SIZE) for _ in "ab"]
+        for _ in range(4):
+            expected = whole_runner.execute_logits(make_step([sequences[0].chunk()]))
+            got = split_runner.execute_logits(make_step([sequences[1].chunk()]))
+            assert (got - expected).abs().max().item() <= 1e-4
+            for seq in sequences:
+                seq.token_ids.append(int(expected.argmax()))
+        with pytest.raises(InvalidArgumentError, match=r"down_proj.*(cannot split the last dim|g_idx)"):
+            store.load(str(tmp_path), quantization="int4", quantization_group_size=48, tensor_parallel_size=2)
+    finally:
+        store.close()

@@ -165,7 +165,7 @@ def test_triton_step_attention_matches_torch_reference(decode_only):
     ]
     num_tokens = sum(query_len for query_len, _ in shapes)
     step = StepInput([0] * num_tokens, [0] * num_tokens, [-1] * num_tokens, sequences)
-    metadata = AttentionMetadata.build(step, block_size, DEVICE)
+    metadata = AttentionMetadata.build(step, block_size, DEVICE, reference_fields=True)  # both paths read it
     # The torch reference multiplies masked-out NaN slots by zero weights: give it a clean cache.
     k_cache, v_cache = batch.k_cache.nan_to_num(0.0), batch.v_cache.nan_to_num(0.0)
     options = {"alibi_slopes": alibi_slopes(num_heads).to(DEVICE), "sliding_window": 23}

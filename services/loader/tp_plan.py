@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from llmexec.loader.weight_plan import SourceSlice, TargetTensor
 
 from llmexec.errors import InvalidArgumentError
-from llmexec.loader.weight_plan import SourceSlice, TargetTensor
 from llmexec.models.tensor_parallel import (
     ColumnSplit,
     RowSplit,
@@ -29,9 +31,13 @@ from llmexec.models.tensor_parallel import (
     vocab_rows,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 
 def rank_plans(
-    model_class: type, config: Mapping, plan: Sequence[TargetTensor], size: int, dtype, source: str
+    model_class: type, config: Mapping, plan: Sequence[TargetTensor], size: int, dtype: torch.dtype | None,
+    source: str,
 ) -> list[list[TargetTensor]]:
     """Each rank's plan for `size` ranks, checked against a rank's model as the runner will bind it.
 
@@ -57,7 +63,10 @@ def shard_plans(plan: Sequence[TargetTensor], splits: Mapping[str, Split], size:
 def shard_target(target: TargetTensor, splits: Mapping[str, Split], size: int, rank: int) -> TargetTensor:
     """`target` as rank `rank` of `size` holds it. Raises InvalidArgumentError when it does not split."""
     split, suffix = split_of(splits, target.name)
-    shape = rank_shape(target.shape, split, suffix, size)
+    try:
+        shape = rank_shape(target.shape, split, suffix, size)
+    except InvalidArgumentError as error:
+        raise InvalidArgumentError(f"{target.name}: {error}") from None
     if split is None or size == 1:
         return target  # replicated
     if suffix == "weight_g_idx" and not isinstance(split, RowSplit):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
 from llmexec.models.attention import AttentionMetadata
@@ -39,6 +38,8 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model, kv_caches, block_size: int, max_batch_size: int, max_seq_len: int,
                  device: torch.device) -> None:
+        """Allocates the input buffers; capture() records the graphs (CUDA only). Until then run()
+        executes the same forward eagerly on the same buffers."""
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -50,7 +51,7 @@ class DecodeGraphs:
         batch = self.max_batch
         self.header_len = 4 * batch
         total = self.header_len + batch * self.width
-        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=True)
+        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=device.type == "cuda")
         self.buffer = torch.zeros(total, dtype=torch.int32, device=device)
         host = self.host.numpy()
         self.host_ids, self.host_positions, self.host_slots, self.host_seq_lens = (
@@ -113,8 +114,11 @@ class DecodeGraphs:
         header, rows = self.header_len, size * self.width
         self.buffer[:header].copy_(self.host[:header], non_blocking=True)
         self.buffer[header : header + rows].copy_(self.host[header : header + rows], non_blocking=True)
-        self.graphs[size].replay()
-        return self.logits[size][:num_seqs]
+        if size in self.graphs:
+            self.graphs[size].replay()
+            return self.logits[size][:num_seqs]
+        with torch.inference_mode():  # not captured (a test on the CPU): the same forward, eagerly
+            return self._forward(size, self._metadata(size))[:num_seqs]
 
     def _forward(self, size: int, metadata: AttentionMetadata) -> torch.Tensor:
         batch = self.max_batch

@@ -91,7 +91,8 @@ class ModelRunner:
         self.model.load_weights(weights)
         self.model.to(self.device).eval()
         num_layers, num_kv_heads, head_dim = kv_cache_spec(config)
-        gpu = gpu or GpuOptions()
+        # No options: eager decode (callers such as tests and tools); the runner service passes its flags.
+        gpu = gpu or GpuOptions(cuda_graph_max_batch=0)
         self.startup_seconds["model"] = time.perf_counter() - started
         self.kv_cache_dtype = kv_cache_dtype = kv_cache_dtype or self._default_kv_cache_dtype()
         if num_blocks == 0:

@@ -14,12 +14,12 @@ import weakref
 from collections.abc import Callable, Mapping
 
 import torch
-
-from llmexec.errors import UnavailableError
-from llmexec.models.tensor_parallel import rank_config
 from llmexec.runner.model_runner import GpuOptions, ModelRunner, num_blocks_for_memory
 from llmexec.runner.tp_worker import RankSetup, WorkerRanks, rank_device
 from llmexec.runner.weight_attach import attach_weights
+
+from llmexec.errors import UnavailableError
+from llmexec.models.tensor_parallel import rank_config
 from llmexec.step import StepInput
 from llmexec.weight_layout import WeightLayout
 
@@ -49,18 +49,21 @@ class TensorParallelModelRunner(ModelRunner):
         device: str = "cpu",
         gpu: GpuOptions | None = None,
         owns_ranks: bool = False,
+        rank0_weights: Mapping[str, torch.Tensor] | None = None,
     ) -> TensorParallelModelRunner:
         """Every rank attaches to its shard (layouts[r]) and builds its part, rank 0 here.
 
         owns_ranks: close the workers when this runner is closed or collected.
+        rank0_weights: rank 0's shard given directly instead of layouts[0] (benchmarks).
         """
         setup = RankSetup(dict(config), list(layouts), num_blocks, block_size, device, gpu=gpu)
         ranks.attach(setup)
         runner = cls.__new__(cls)
         runner.ranks = ranks
         try:
-            ModelRunner.__init__(runner, config, attach_weights(layouts[0]), num_blocks, block_size,
-                                 rank_device(device, 0), tensor_parallel=ranks.group, gpu=gpu)
+            weights = attach_weights(layouts[0]) if rank0_weights is None else rank0_weights
+            ModelRunner.__init__(runner, config, weights, num_blocks, block_size, rank_device(device, 0),
+                                 tensor_parallel=ranks.group, gpu=gpu)
         finally:
             ranks.wait_attached()  # the workers report, whatever happened here
         if owns_ranks:
@@ -139,8 +142,9 @@ async def attach_tensor_parallel(cfg, info, rank0_layout: WeightLayout) -> Tenso
     import asyncio
     import json
 
-    from llmexec.rpc.client import aio_channel
     from llmexec.runner.server import layout_from_pb  # the server imports this module
+
+    from llmexec.rpc.client import aio_channel
     from llmexec.v1 import loader_pb2, loader_pb2_grpc
 
     layouts = [rank0_layout]

@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -90,19 +91,23 @@ class WorkerRanks:
     closed: bool = False
 
     @classmethod
-    def start(cls, size: int, device: str = "cpu", threads: int = 0, timeout: float = 120.0) -> WorkerRanks:
+    def start(cls, size: int, device: str = "cpu", threads: int = 0, timeout: float = 120.0,
+              worker_command: list[str] | None = None) -> WorkerRanks:
         """Start size - 1 worker processes and form the group with this process as rank 0.
 
-        threads: torch threads of each worker (0: torch's default). Raises
-        InvalidArgumentError for more ranks than devices, FailedPreconditionError when
-        this process already belongs to a group, RuntimeError when a worker does not join.
+        threads: torch threads of each worker (0: torch's default). worker_command: what
+        runs a worker (default `python -m llmexec.runner.tp_worker`; a benchmark passes its
+        own, which calls main() with another build_runner). Raises InvalidArgumentError for
+        more ranks than devices, FailedPreconditionError when this process already belongs
+        to a group, RuntimeError when a worker does not join.
         """
         check_devices(size, device)
         if dist.is_initialized():
             raise FailedPreconditionError("this process already runs a tensor-parallel group; close it first")
         init_method = f"tcp://127.0.0.1:{_free_port()}"
-        argv = [sys.executable, "-m", "llmexec.runner.tp_worker", "--size", str(size), "--init-method", init_method,
-                "--device", device, "--threads", str(threads), "--log-level", logging.getLevelName(log.getEffectiveLevel())]
+        level = logging.getLevelName(log.getEffectiveLevel())
+        argv = [*(worker_command or [sys.executable, "-m", "llmexec.runner.tp_worker"]), "--size", str(size),
+                "--init-method", init_method, "--device", device, "--threads", str(threads), "--log-level", level]
         processes = [subprocess.Popen([*argv, "--rank", str(rank)], stdin=subprocess.DEVNULL) for rank in range(1, size)]
         try:
             group = _init_rank0(size, init_method, device, processes, timeout)
@@ -149,8 +154,6 @@ class WorkerRanks:
 def _init_rank0(size: int, init_method: str, device: str, processes, timeout: float) -> TensorParallelGroup:
     # init_process_group waits for every rank; a worker that died before joining would only
     # show as a timeout, so check on them meanwhile and fail with their exit code.
-    import threading
-
     result: dict = {}
 
     def join() -> None:
@@ -190,11 +193,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_rank(group: TensorParallelGroup) -> None:
-    """A worker's life: attach when told, run each step rank 0 hands over, until told to stop."""
+def build_runner_from_layouts(setup: RankSetup, group: TensorParallelGroup):
+    """A worker's ModelRunner over its shard in the loader's shared memory."""
     from llmexec.runner.model_runner import ModelRunner
     from llmexec.runner.weight_attach import attach_weights
 
+    return ModelRunner(
+        setup.config, attach_weights(setup.layouts[group.rank]), setup.num_blocks, setup.block_size,
+        rank_device(setup.device, group.rank), setup.kv_cache_dtype, tensor_parallel=group, gpu=setup.gpu,
+    )
+
+
+def serve_rank(group: TensorParallelGroup, build_runner=build_runner_from_layouts) -> None:
+    """A worker's life: attach when told (build_runner(setup, group) -> ModelRunner), run each
+    step rank 0 hands over, until told to stop."""
     runner = None
     while True:
         message = [None]
@@ -209,18 +221,14 @@ def serve_rank(group: TensorParallelGroup) -> None:
         gc.collect()
         status = None
         try:
-            setup: RankSetup = payload
-            runner = ModelRunner(
-                setup.config, attach_weights(setup.layouts[group.rank]), setup.num_blocks, setup.block_size,
-                rank_device(setup.device, group.rank), setup.kv_cache_dtype, tensor_parallel=group, gpu=setup.gpu,
-            )
-        except Exception as exc:  # noqa: BLE001 - reported to rank 0, which refuses the attachment
+            runner = build_runner(payload, group)
+        except Exception as exc:
             log.exception("rank %d failed to attach", group.rank)
             status = f"{type(exc).__name__}: {exc}"
         dist.gather_object(status, None, dst=0, group=group.control_group)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, build_runner=build_runner_from_layouts) -> None:
     p = argparse.ArgumentParser(prog="python -m llmexec.runner.tp_worker", description=__doc__)
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--size", type=int, required=True)
@@ -234,8 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     group = init_group(args.rank, args.size, args.init_method, args.device)
     try:
-        serve_rank(group)
-    except Exception:  # noqa: BLE001 - rank 0 gone, or a failed step: this rank cannot continue
+        serve_rank(group, build_runner)
+    except Exception:
         log.exception("tensor-parallel rank %d stops", args.rank)
         sys.exit(1)
     dist.destroy_process_group()

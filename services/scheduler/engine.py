@@ -217,8 +217,14 @@ class Engine:
     # -- the step loop
 
     async def _run(self, replica: Replica) -> None:
+        """Schedule, execute, update; each step's results are stored and delivered while the
+        runner computes the next step (the host work of the two overlaps the GPU's)."""
         scheduler = replica.scheduler
+        pending: tuple[ScheduledStep, list[Sequence], float] | None = None  # updated, not yet stored
         while True:
+            if pending is not None and not (replica.healthy and scheduler.has_unfinished()):
+                await self._publish(replica, *pending)
+                pending = None
             if not replica.healthy:
                 await replica.wait_for_runner()
                 continue
@@ -230,12 +236,21 @@ class Engine:
             if step is None:
                 # Nothing fits this step (should not happen with a validated
                 # prompt); yield so aborts and new requests can arrive.
+                if pending is not None:
+                    await self._publish(replica, *pending)
+                    pending = None
                 await asyncio.sleep(0.005)
                 continue
             step.step_input.runner_instance_id = replica.instance_id
             started = time.perf_counter()
+            execution = asyncio.ensure_future(replica.client.execute(step.step_input))
+            if pending is not None:
+                # A stop string found here finishes a sequence this step already computes;
+                # update() skips it, and its blocks are reused only after the step returns.
+                await self._publish(replica, *pending)
+                pending = None
             try:
-                output = await replica.client.execute(step.step_input)
+                output = await execution
             except RunnerLost as exc:
                 log.warning("%s; recomputing its sequences", exc)
                 await self._runner_lost(replica)
@@ -244,11 +259,15 @@ class Engine:
                 log.error("step failed on %s: %s", replica.address, exc)
                 self._fail(step, exc)
                 continue
-            touched = scheduler.update(step, output)
-            chunks = self._texts_and_stops(replica, touched)
-            await self._save(step.sequences + step.preempted)
-            self._deliver(chunks)
-            self._observe_step(replica, step, time.perf_counter() - started)
+            pending = (step, scheduler.update(step, output), started)
+
+    async def _publish(self, replica: Replica, step: ScheduledStep, touched: list[Sequence], started: float) -> None:
+        """Texts and stop strings of an updated step, then store it, then deliver: a client
+        sees only what Redis holds."""
+        chunks = self._texts_and_stops(replica, touched)
+        await self._save(step.sequences + step.preempted)
+        self._deliver(chunks)
+        self._observe_step(replica, step, time.perf_counter() - started)
 
     def _texts_and_stops(self, replica: Replica, touched: list[Sequence]) -> list[tuple[RequestStream, StreamChunk]]:
         """Each touched sequence's new token as a chunk: its text, stop strings

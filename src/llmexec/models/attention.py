@@ -45,13 +45,16 @@ class AttentionMetadata:
     prefill_spans: list[PrefillSpan]  # empty on the Triton path, which reads query_start_loc instead
 
     @classmethod
-    def build(cls, step: StepInput, block_size: int, device: torch.device | str) -> "AttentionMetadata":
+    def build(
+        cls, step: StepInput, block_size: int, device: torch.device | str, reference_fields: bool | None = None
+    ) -> "AttentionMetadata":
         """Make the step's tensors on `device`. Assumes the step was validated.
 
         On CUDA (the Triton kernels) the fields only the torch reference reads, decode_key_mask and
         prefill_spans, are left empty: each would cost host-to-device copies every step.
+        reference_fields=True fills them anyway (to run the reference on CUDA, as a test does).
         """
-        for_reference = not uses_triton_on(device)
+        for_reference = not uses_triton_on(device) if reference_fields is None else reference_fields
         seqs = step.sequences
         query_lens = [s.query_len for s in seqs]
         seq_lens = [s.seq_len for s in seqs]

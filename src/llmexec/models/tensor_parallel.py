@@ -158,7 +158,10 @@ def rank_shape(shape: tuple[int, ...], split: Split | None, suffix: str, size: i
     if len(shape) == 1:  # a row-split layer's bias or per-channel scale: whole on each rank
         return tuple(shape)
     if shape[-1] % size:
-        raise InvalidArgumentError(f"tensor parallel size {size} does not divide the input width {shape[-1]}")
+        raise InvalidArgumentError(
+            f"tensor parallel size {size} cannot split the last dim of a {list(shape)} tensor evenly "
+            "(its input columns, or their int4 groups)"
+        )
     return (*shape[:-1], shape[-1] // size)
 
 
