@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from llmexec.errors import InvalidArgumentError, ResourceExhaustedError
+from llmexec.runner.block_tables import BlockTables
 from llmexec.sampling_params import SamplingParams
 from llmexec.scheduler.block_manager import BlockManager
 from llmexec.scheduler.scheduler import Scheduler
@@ -45,6 +46,7 @@ class FakeRunner:
         self.block_size = block_size
         self.kv: dict[int, int] = {}
         self.steps: list[StepInput] = []
+        self.tables = BlockTables()  # the runner's: steps carry only the blocks the runner lacks
 
     def slot(self, block_table: list[int], p: int) -> int:
         return block_table[p // self.block_size] * self.block_size + p % self.block_size
@@ -53,6 +55,7 @@ class FakeRunner:
         assert len(step.input_ids) == len(step.positions) == len(step.slot_mapping)
         assert sum(s.query_len for s in step.sequences) == step.num_tokens
         self.steps.append(step)
+        self.tables.resolve(step)
         sampled, row = [], 0
         for s in step.sequences:
             assert len(s.block_table) * self.block_size >= s.seq_len

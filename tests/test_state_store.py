@@ -165,3 +165,37 @@ def test_completions_of_one_request_and_their_logprobs(store, client):
     store.save(Sequence("solo", [5]))
     assert [s.request_id for s in store.load_request("solo")] == ["solo"]
     assert store.load_request("nobody") == []
+
+
+def commands_run(client) -> dict[str, int]:
+    return {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in client.info("commandstats").items()}
+
+
+def test_a_steady_decode_step_costs_one_command_per_sequence(store, client):
+    """Only the new token is pushed; the hash and the active set are written when the state changes
+    (a new block, finishing), and what loads back still equals the sequence."""
+    scheduler = Scheduler(BlockManager(64, 4), max_model_len=64, eos_token_ids=set())
+    seqs = [Sequence(f"d{i}", [10, 11, 12], sampling_params=SamplingParams(max_tokens=6, ignore_eos=True))
+            for i in range(8)]
+    for seq in seqs:
+        scheduler.add(seq)
+    step = scheduler.schedule()
+    store.save_step(scheduler.update(step, [5] * len(step.sequences)))  # prefill: full records
+    per_step = []
+    while scheduler.has_unfinished():
+        step = scheduler.schedule()
+        touched = scheduler.update(step, [6] * len(step.sequences))
+        before = commands_run(client)
+        store.save_step(touched)
+        after = commands_run(client)
+        ran = {name: n - before.get(name, 0) for name, n in after.items() if n != before.get(name, 0)}
+        ran.pop("info", None)
+        per_step.append((len(touched[0].block_table), touched[0].is_finished, ran))
+        for seq in touched:
+            assert store.load(seq.request_id).to_record() == seq.to_record()
+    # 3 prompt tokens, blocks of 4: tokens 4..8 are computed over the 5 decode steps.
+    steady = [ran for blocks, finished, ran in per_step[:-1] if ran.get("hset") is None]
+    assert steady and all(ran == {"multi": 1, "rpush": 8, "exec": 1} for ran in steady)
+    assert any(ran.get("hset") == 8 and "sadd" not in ran for _, _, ran in per_step[:-1])  # a new block each
+    assert per_step[-1][1] and per_step[-1][2]["srem"] == 8  # finishing leaves the active set
+    assert store.active_ids().isdisjoint(s.request_id for s in seqs)

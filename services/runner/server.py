@@ -21,6 +21,7 @@ from llmexec.rpc.tls import ClientTLS
 from llmexec.runner.cuda_ipc_attach import attach_cuda_weights
 from llmexec.runner.model_runner import GpuOptions, ModelRunner, num_blocks_for_memory
 from llmexec.runner.tracer import StageTrace, trace_prefill_and_decode
+from llmexec.runner.block_tables import BlockTables
 from llmexec.runner.token_history import TokenHistories
 from llmexec.runner.tp_runner import attach_tensor_parallel
 from llmexec.runner.weight_attach import attach_weights
@@ -161,6 +162,7 @@ class RunnerServicer(runner_pb2_grpc.RunnerServiceServicer):
         # an earlier runner on this address learns that the cache is gone.
         self.instance_id = uuid.uuid4().hex
         self.token_histories = TokenHistories()
+        self.block_tables = BlockTables()
 
     def attach(self, model_info: loader_pb2.ModelInfo, runner: ModelRunner) -> None:
         self.model_info, self.runner = model_info, runner
@@ -173,6 +175,7 @@ class RunnerServicer(runner_pb2_grpc.RunnerServiceServicer):
             runner, self.runner, self.model_info = self.runner, None, None
             self.instance_id = uuid.uuid4().hex
             self.token_histories = TokenHistories()
+            self.block_tables = BlockTables()
             on_cuda = runner is not None and runner.device.type == "cuda"
             del runner
             gc.collect()
@@ -223,6 +226,7 @@ class RunnerServicer(runner_pb2_grpc.RunnerServiceServicer):
         # On CUDA execute_logits returns with the step queued: the histories are updated
         # while the GPU runs it. A refused history (FAILED_PRECONDITION) leaves the
         # histories unchanged; the queued step only wrote KV slots the scheduler will rewrite.
+        self.block_tables.resolve(step)  # whole tables from the kept ones plus appended_blocks
         logits = runner.execute_logits(step)  # validates first
         return runner.sample_step(step, logits, self.token_histories.update(step))
 

@@ -283,14 +283,18 @@ class Scheduler:
             input_ids.extend(seq.token_ids_slice(start, end))
             positions.extend(range(start, end))
             slot_mapping.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            known = seq.runner_num_blocks  # the runner extends the table it holds: O(1) a decode step
             seq_input = SequenceInput(
                 query_len=num_new,
                 seq_len=end,
-                block_table=list(table),
+                block_table=[] if known else list(table),
                 needs_sample=end == seq.num_tokens,
                 sampling_params=seq.sampling_params,
                 output_index=seq.num_output_tokens,
+                block_table_id=seq.request_id,
+                appended_blocks=table[known:] if known else None,
             )
+            seq.runner_num_blocks = len(table)
             if seq.sampling_params.needs_token_history:
                 seq_input.seq_id = seq.request_id
                 if not seq.runner_has_history:
@@ -327,9 +331,9 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
-        if seq.runner_has_history:
+        if seq.runner_has_history or seq.runner_num_blocks:
             self._runner_forget.append(seq.request_id)
-            seq.runner_has_history = False
+            seq.runner_has_history, seq.runner_num_blocks = False, 0
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
         seq.status = status

@@ -63,6 +63,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list, repr=False)  # of full blocks, in order
     num_registered_blocks: int = field(default=0, repr=False)  # leading blocks offered to the prefix cache
     runner_has_history: bool = field(default=False, repr=False)  # the runner holds its token history
+    # Leading blocks of block_table the runner holds under this request_id (0: none, send it whole).
+    runner_num_blocks: int = field(default=0, repr=False)
     admission_no: int = field(default=0, repr=False)  # breaks arrival-time ties, in add() order
 
     def __post_init__(self) -> None:

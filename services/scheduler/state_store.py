@@ -8,10 +8,15 @@ completion i of n):
                          request_id, group_id (G), index (i), priority,
                          prompt_token_ids (JSON list), sampling_params (JSON
                          object, SamplingParams.to_dict()), arrival_time (unix s),
-                       and on every step that touches it:
+                       and whenever one of them changes (a status change, a block
+                       added or freed, admission, finishing):
                          status (waiting | running | finished_stopped |
                          finished_length | finished_aborted), block_table (JSON),
-                         num_computed_tokens, num_cached_tokens
+                         num_uncomputed_tokens (prompt + output tokens not yet in
+                         the KV cache: 1 for a decoding sequence, so decode steps
+                         need not rewrite it), num_cached_tokens
+                       (records written before num_uncomputed_tokens have
+                       num_computed_tokens instead, still read)
     P:seq:R:out        list: the generated token ids, in order (RPUSHed as they come)
     P:seq:R:logprobs   list: one JSON TokenLogprobs per generated token, only when
                        sampling_params.logprobs is set
@@ -24,7 +29,12 @@ that wrote them; a restarted scheduler recomputes from the tokens instead.
 
 Durability: the engine saves a step's changes before any client sees them,
 all sequences of the step in one pipelined MULTI/EXEC round trip, whatever
-their number, so what a client has received is always in Redis. Against a
+their number, so what a client has received is always in Redis. A steady
+decode step costs one command per sequence (the RPUSH of its new token, plus
+one for its logprobs when asked): the hash and the active set are written only
+when the state fields change, which keeps the scheduler's single thread off
+redis-py's command packing (issue 6: ~3 commands per sequence cost ~20 ms a
+step at batch 256). Against a
 Redis with appendonly (the stack's), it survives Redis restarts too.
 """
 
@@ -50,8 +60,10 @@ class SequenceStore:
         self.finished_ttl_s = finished_ttl_s
         self.active_key = f"{prefix}:active"
         # How many output tokens of each sequence Redis already has, so a step
-        # pushes only the new ones.
+        # pushes only the new ones, and the state fields Redis has for it, so a
+        # step rewrites them only when they changed.
         self._num_saved_outputs: dict[str, int] = {}
+        self._saved_state: dict[str, tuple] = {}
 
     def seq_key(self, request_id: str) -> str:
         return f"{self.prefix}:seq:{request_id}"
@@ -71,7 +83,8 @@ class SequenceStore:
 
     def save_step(self, seqs: Iterable[Sequence]) -> None:
         """Persist one step's changes of seqs in one round trip: new output
-        tokens, status, block table, num_computed_tokens. Sequences this store
+        tokens, and the state fields (status, block table, computed and cached
+        token counts) of the sequences whose state changed. Sequences this store
         has not saved yet get their full record."""
         seqs = list({seq.request_id: seq for seq in seqs}.values())  # each pushed once
         if not seqs:
@@ -82,14 +95,16 @@ class SequenceStore:
             if num_saved is None or num_saved > seq.num_output_tokens:
                 self._queue_full_record(pipe, seq)
                 continue
-            new_tokens = seq.output_token_ids[num_saved:]
-            if new_tokens:
-                pipe.rpush(self.output_key(seq.request_id), *new_tokens)
+            if num_saved < seq.num_output_tokens:
+                pipe.rpush(self.output_key(seq.request_id), *seq.output_token_ids[num_saved:])
                 new_logprobs = seq.output_logprobs[num_saved:]
                 if new_logprobs:
                     pipe.rpush(self.logprobs_key(seq.request_id), *(json.dumps(lp.to_dict()) for lp in new_logprobs))
-            pipe.hset(self.seq_key(seq.request_id), mapping=self._state_fields(seq))
-            self._queue_lifetime(pipe, seq)
+            saved = self._saved_state.get(seq.request_id)
+            if saved is None or not self._same_state(saved, seq):
+                pipe.hset(self.seq_key(seq.request_id), mapping=self._state_fields(seq))
+                if saved is None or saved[0] is not seq.status:
+                    self._queue_lifetime(pipe, seq)
         pipe.execute()
         for seq in seqs:
             self._remember(seq)
@@ -131,6 +146,7 @@ class SequenceStore:
         pipe.srem(self.active_key, request_id)
         pipe.execute()
         self._num_saved_outputs.pop(request_id, None)
+        self._saved_state.pop(request_id, None)
 
     def active_ids(self) -> set[str]:
         """The request ids of unfinished sequences."""
@@ -176,15 +192,30 @@ class SequenceStore:
         """Note what Redis now holds, once the write went through."""
         if seq.is_finished:  # nothing more will be pushed for it
             self._num_saved_outputs.pop(seq.request_id, None)
+            self._saved_state.pop(seq.request_id, None)
         else:
             self._num_saved_outputs[seq.request_id] = seq.num_output_tokens
+            saved = self._saved_state.get(seq.request_id)
+            if saved is None or not self._same_state(saved, seq):
+                self._saved_state[seq.request_id] = self._state_of(seq)
+
+    @staticmethod
+    def _state_of(seq: Sequence) -> tuple:
+        return (seq.status, list(seq.block_table), seq.num_tokens - seq.num_computed_tokens, seq.num_cached_tokens)
+
+    @staticmethod
+    def _same_state(saved: tuple, seq: Sequence) -> bool:
+        # Compared field by field, cheapest first: at batch 256 this runs 256 times a step.
+        status, block_table, num_uncomputed, num_cached = saved
+        return (status is seq.status and num_uncomputed == seq.num_tokens - seq.num_computed_tokens
+                and num_cached == seq.num_cached_tokens and block_table == seq.block_table)
 
     @staticmethod
     def _state_fields(seq: Sequence) -> dict:
         return {
             "status": seq.status.value,
             "block_table": json.dumps(seq.block_table),
-            "num_computed_tokens": seq.num_computed_tokens,
+            "num_uncomputed_tokens": seq.num_tokens - seq.num_computed_tokens,
             "num_cached_tokens": seq.num_cached_tokens,
         }
 
@@ -193,15 +224,20 @@ class SequenceStore:
         if not fields:
             return None
         fields = {_str(k): _str(v) for k, v in fields.items()}
+        prompt_token_ids = json.loads(fields["prompt_token_ids"])
+        if "num_uncomputed_tokens" in fields:
+            num_computed = len(prompt_token_ids) + len(outputs) - int(fields["num_uncomputed_tokens"])
+        else:  # written before num_uncomputed_tokens
+            num_computed = int(fields["num_computed_tokens"])
         return Sequence.from_record(
             {
                 "request_id": fields["request_id"],
-                "prompt_token_ids": json.loads(fields["prompt_token_ids"]),
+                "prompt_token_ids": prompt_token_ids,
                 "output_token_ids": [int(_str(t)) for t in outputs],
                 "sampling_params": json.loads(fields["sampling_params"]),
                 "status": fields["status"],
                 "block_table": json.loads(fields["block_table"]),
-                "num_computed_tokens": int(fields["num_computed_tokens"]),
+                "num_computed_tokens": num_computed,
                 "arrival_time": float(fields["arrival_time"]),
                 "priority": int(fields.get("priority", 0)),
                 "group_id": fields.get("group_id", ""),

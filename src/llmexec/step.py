@@ -12,6 +12,13 @@ query tokens, so the scheduler sends a sequence's earlier tokens
 (context_token_ids) only on the first step the runner sees it (or sees it again
 after a preemption or a runner restart), and names the sequences to forget in
 finished_seq_ids.
+
+Block tables on the runner: likewise, the runner keeps each sequence's block
+table under block_table_id, so a steady decode step carries O(1) data per
+sequence: the scheduler sends the whole table only when the runner may not
+hold it (first step, after a preemption or a runner restart) and otherwise
+just the blocks appended since the sequence's previous step (appended_blocks).
+The runner resolves these into whole tables before running the step.
 """
 
 from __future__ import annotations
@@ -25,13 +32,17 @@ from llmexec.sampling_params import SamplingParams
 class SequenceInput:
     query_len: int  # tokens this sequence adds in this step (prompt chunk, or 1 for decode)
     seq_len: int  # tokens in the KV cache after this step, query tokens included
-    block_table: list[int]  # physical block ids in logical order, covering seq_len tokens
+    # Physical block ids in logical order, covering seq_len tokens; [] when appended_blocks is set.
+    block_table: list[int]
     needs_sample: bool  # sample a token from this sequence's last row
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     output_index: int = 0  # tokens generated before this step (keys the seeded draw)
     seq_id: str = ""  # keys the runner's token history; set when sampling needs the history
     # The tokens at positions [0, seq_len - query_len), sent when the runner may not hold them.
     context_token_ids: list[int] | None = None
+    block_table_id: str = ""  # keys the block table the runner keeps; "" = block_table is whole, keep nothing
+    # Set (with block_table_id): the blocks added to the runner's table since the sequence's previous step.
+    appended_blocks: list[int] | None = None
 
 
 @dataclass

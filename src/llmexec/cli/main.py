@@ -19,12 +19,19 @@ from llmexec.quantization import QUANTIZATION_HELP, QUANTIZATIONS
 
 
 def add_up_parser(sub) -> None:
-    p = sub.add_parser("up", help="start Redis, loader, runner and scheduler on this machine (CPU)")
+    p = sub.add_parser("up", help="start Redis, loader, runner and scheduler on this machine")
     p.add_argument("--model", default="", help="HF folder, .gguf file, config.json (with --load-format dummy) or a "
                    "model id in the local HF cache (default: the bundled SmolLM2 demo)")
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                    help="auto picks safetensors, then pt (.bin), then gguf; dummy makes random weights from the config")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="", help="float32, bfloat16 or float16 (default: float32 on cpu, "
+                   "bfloat16 on cuda)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda[:N]: the loader keeps the weights on that GPU and the runner attaches to them "
+                        "over CUDA IPC")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="with --device cuda and --num-blocks 0: the share of the GPU's memory in use once the "
+                        "runner's KV cache is allocated (runner default 0.9)")
     p.add_argument("--quantization", default="", choices=["", *QUANTIZATIONS], help=QUANTIZATION_HELP)
     p.add_argument("--quantization-group-size", type=int, default=0, help="input columns per int4 scale (default 128)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
@@ -63,6 +70,11 @@ def add_generate_parser(sub) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    try:
+        check_device(args.device)
+    except ValueError as exc:
+        print(f"llmexec up: {exc}", file=sys.stderr)
+        return 2
     if not args.model:
         from llmexec.demo_model import demo_model_path
 
@@ -100,6 +112,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     stopped = stack.down(records)
     print(f"stopped {', '.join(stopped) or 'nothing'}")
     return exit_code
+
+
+def check_device(device: str) -> None:
+    """Refuse, before starting anything, a device this machine does not have (ValueError)."""
+    if device == "cpu":
+        return
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"--device {device}: torch sees no CUDA device on this machine (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+    if index and int(index) >= count:
+        raise ValueError(f"--device {device}: this machine has {count} CUDA device(s)")
 
 
 def check_tensor_parallel(model: str, load_format: str, size: int, device: str) -> None:

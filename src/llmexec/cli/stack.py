@@ -120,13 +120,16 @@ def start_redis(port: int) -> ServiceRecord:
 def service_argv(name: str, port: int, records: dict[str, ServiceRecord], opts: dict) -> list[str]:
     py = [sys.executable, "-m", f"llmexec.{name}", "--host", "127.0.0.1", "--port", str(port)]
     if name == "loader":
-        return py + ["--model", opts["model"], "--dtype", opts["dtype"], "--load-format", opts["load_format"],
+        return py + ["--model", opts["model"], "--dtype", opts.get("dtype") or "", "--load-format", opts["load_format"],
+                     "--device", opts.get("device") or "cpu",
                      "--quantization", opts.get("quantization", ""),
                      "--quantization-group-size", str(opts.get("quantization_group_size", 0)),
                      "--tensor-parallel-size", str(opts.get("tensor_parallel_size") or 1)]
     if name == "runner":
         argv = py + ["--loader", records["loader"].address, "--block-size", str(opts["block_size"]),
-                     "--kv-cache-gib", str(opts["kv_cache_gib"])]
+                     "--kv-cache-gib", str(opts["kv_cache_gib"]), "--device", opts.get("device") or "cpu"]
+        if opts.get("gpu_memory_utilization") is not None:
+            argv += ["--gpu-memory-utilization", str(opts["gpu_memory_utilization"])]
         if opts.get("num_blocks"):
             argv += ["--num-blocks", str(opts["num_blocks"])]
         return argv

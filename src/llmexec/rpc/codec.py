@@ -109,6 +109,8 @@ def step_to_pb(step: StepInput) -> runner_pb2.ExecuteStepRequest:
                 output_index=s.output_index,
                 seq_id=s.seq_id,
                 context_token_ids=s.context_token_ids or (),
+                block_table_id=s.block_table_id,
+                appended_blocks=s.appended_blocks or (),
             )
             for s in step.sequences
         ],
@@ -144,6 +146,9 @@ def step_from_pb(pb: runner_pb2.ExecuteStepRequest) -> StepInput:
                 seq_id=s.seq_id,
                 # An empty context is the same as none: both mean "nothing before the query".
                 context_token_ids=list(s.context_token_ids) or None,
+                block_table_id=s.block_table_id,
+                # A whole table is never empty (seq_len > 0): empty means "extend the runner's".
+                appended_blocks=list(s.appended_blocks) if s.block_table_id and not s.block_table else None,
             )
             for s in pb.sequences
         ],

@@ -43,7 +43,7 @@ class GetRunnerInfoResponse(_message.Message):
     def __init__(self, model_info: _Optional[_Union[_loader_pb2.ModelInfo, _Mapping]] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., device: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., weight_addresses: _Optional[_Iterable[_Union[WeightAddress, _Mapping]]] = ..., pid: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class SequenceInput(_message.Message):
-    __slots__ = ("query_len", "seq_len", "block_table", "needs_sample", "sampling_params", "output_index", "seq_id", "context_token_ids")
+    __slots__ = ("query_len", "seq_len", "block_table", "needs_sample", "sampling_params", "output_index", "seq_id", "context_token_ids", "block_table_id", "appended_blocks")
     QUERY_LEN_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,8 @@ class SequenceInput(_message.Message):
     OUTPUT_INDEX_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TABLE_ID_FIELD_NUMBER: _ClassVar[int]
+    APPENDED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     query_len: int
     seq_len: int
     block_table: _containers.RepeatedScalarFieldContainer[int]
@@ -60,7 +62,9 @@ class SequenceInput(_message.Message):
     output_index: int
     seq_id: str
     context_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, query_len: _Optional[int] = ..., seq_len: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., needs_sample: _Optional[bool] = ..., sampling_params: _Optional[_Union[_sampling_pb2.SamplingParams, _Mapping]] = ..., output_index: _Optional[int] = ..., seq_id: _Optional[str] = ..., context_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    block_table_id: str
+    appended_blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, query_len: _Optional[int] = ..., seq_len: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., needs_sample: _Optional[bool] = ..., sampling_params: _Optional[_Union[_sampling_pb2.SamplingParams, _Mapping]] = ..., output_index: _Optional[int] = ..., seq_id: _Optional[str] = ..., context_token_ids: _Optional[_Iterable[int]] = ..., block_table_id: _Optional[str] = ..., appended_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExecuteStepRequest(_message.Message):
     __slots__ = ("input_ids", "positions", "slot_mapping", "sequences", "finished_seq_ids", "eos_token_ids", "runner_instance_id")
