@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from llmexec.errors import CheckpointError
 from llmexec.loader.checkpoint import Checkpoint, TensorSpec
-from llmexec.loader.hf_folder import read_json, tokenizer_files
+from llmexec.loader.hf_folder import find_shards, open_folder, tokenizer_files
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,38 +39,16 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def __init__(self, source: str):
         super().__init__(source)
-        if not os.path.isdir(source):
-            raise CheckpointError(
-                f"{source} is not a folder; pass the Hugging Face model folder that holds config.json "
-                "and the .safetensors files"
-            )
-        self.config = read_json(os.path.join(source, "config.json"), what="config.json")
+        self.config = open_folder(source, "the .safetensors files")
         # shard file name -> HF names it holds, in file order.
-        self._shards = self._find_shards()
-
-    def _find_shards(self) -> dict[str, list[str]]:
-        index_path = os.path.join(self.source, INDEX_FILE)
-        if os.path.exists(index_path):
-            weight_map = read_json(index_path, what=INDEX_FILE).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index_path} has no weight_map; the index is corrupt")
-            shards: dict[str, list[str]] = {}
-            for name, shard in weight_map.items():
-                shards.setdefault(shard, []).append(name)
-            for shard in shards:
-                if not os.path.isfile(os.path.join(self.source, shard)):
-                    raise CheckpointError(
-                        f"{INDEX_FILE} in {self.source} lists shard {shard} (holding e.g. {shards[shard][0]}), "
-                        "but that file is missing; the download is incomplete"
-                    )
-            return shards
-        if os.path.isfile(os.path.join(self.source, SINGLE_FILE)):
-            return {SINGLE_FILE: []}  # [] means "every tensor in the file"
-        found = ", ".join(sorted(os.listdir(self.source))) or "nothing"
-        raise CheckpointError(
-            f"{self.source} has neither {SINGLE_FILE} nor {INDEX_FILE} (found: {found}); "
-            "only safetensors weights are supported"
-        )
+        shards = find_shards(source, SINGLE_FILE, INDEX_FILE)
+        if shards is None:
+            found = ", ".join(sorted(os.listdir(source))) or "nothing"
+            raise CheckpointError(
+                f"{source} has neither {SINGLE_FILE} nor {INDEX_FILE} (found: {found}); "
+                "only safetensors weights are supported"
+            )
+        self._shards = shards
 
     def _read_specs(self) -> list[TensorSpec]:
         specs = []

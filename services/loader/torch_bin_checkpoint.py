@@ -18,7 +18,7 @@ import torch
 
 from llmexec.errors import CheckpointError
 from llmexec.loader.checkpoint import Checkpoint, TensorSpec
-from llmexec.loader.hf_folder import read_json, tokenizer_files
+from llmexec.loader.hf_folder import find_shards, open_folder, tokenizer_files
 
 SINGLE_FILE = "pytorch_model.bin"
 INDEX_FILE = "pytorch_model.bin.index.json"
@@ -29,33 +29,12 @@ class TorchBinCheckpoint(Checkpoint):
 
     def __init__(self, source: str):
         super().__init__(source)
-        if not os.path.isdir(source):
-            raise CheckpointError(
-                f"{source} is not a folder; pass the Hugging Face model folder that holds config.json and the .bin files"
-            )
-        self.config = read_json(os.path.join(source, "config.json"), what="config.json")
+        self.config = open_folder(source, "the .bin files")
         # shard file name -> HF names the index places in it ([] = every tensor in the file).
-        self._shards = self._find_shards()
-
-    def _find_shards(self) -> dict[str, list[str]]:
-        index_path = os.path.join(self.source, INDEX_FILE)
-        if os.path.exists(index_path):
-            weight_map = read_json(index_path, what=INDEX_FILE).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index_path} has no weight_map; the index is corrupt")
-            shards: dict[str, list[str]] = {}
-            for name, shard in weight_map.items():
-                shards.setdefault(shard, []).append(name)
-            for shard, names in shards.items():
-                if not os.path.isfile(os.path.join(self.source, shard)):
-                    raise CheckpointError(
-                        f"{INDEX_FILE} in {self.source} lists shard {shard} (holding e.g. {names[0]}), "
-                        "but that file is missing; the download is incomplete"
-                    )
-            return shards
-        if os.path.isfile(os.path.join(self.source, SINGLE_FILE)):
-            return {SINGLE_FILE: []}
-        raise CheckpointError(f"{self.source} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+        shards = find_shards(source, SINGLE_FILE, INDEX_FILE)
+        if shards is None:
+            raise CheckpointError(f"{source} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+        self._shards = shards
 
     def _shard_tensors(self, shard: str, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         path = os.path.join(self.source, shard)
