@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from llmexec.errors import FailedPreconditionError, InvalidArgumentError
+from llmexec.runner.weight_attach import views_in_segments
 from llmexec.weight_layout import CudaIpcHandle, WeightLayout
 
 
@@ -65,21 +66,4 @@ def attach_cuda_weights(layout: WeightLayout) -> dict[str, torch.Tensor]:
                 f"the loader's GPU segment has {buffer.numel()} bytes, the layout says {segment.size_bytes}"
             )
         buffers.append(buffer)
-    tensors = {}
-    for location in layout.tensors:
-        if not 0 <= location.segment_index < len(buffers):
-            raise InvalidArgumentError(f"tensor {location.name} is in segment {location.segment_index}, "
-                                       f"but the layout has {len(buffers)} segments")
-        dtype = getattr(torch, location.dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise InvalidArgumentError(f"tensor {location.name} has unknown dtype {location.dtype!r}")
-        numel = 1
-        for size in location.shape:
-            numel *= size
-        begin, end = location.offset_bytes, location.offset_bytes + numel * dtype.itemsize
-        buffer = buffers[location.segment_index]
-        if begin < 0 or end > buffer.numel():
-            raise InvalidArgumentError(f"tensor {location.name} spans bytes [{begin}, {end}) of a "
-                                       f"{buffer.numel()}-byte segment")
-        tensors[location.name] = buffer[begin:end].view(dtype).view(tuple(location.shape))
-    return tensors
+    return views_in_segments(layout, buffers)

@@ -21,6 +21,15 @@ def attach_weights(layout: WeightLayout) -> dict[str, torch.Tensor]:
     wrong size, InvalidArgumentError when a tensor falls outside its segment.
     """
     buffers = [_map_segment(segment.path, segment.size_bytes) for segment in layout.segments]
+    return views_in_segments(layout, buffers)
+
+
+def views_in_segments(layout: WeightLayout, buffers: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """name -> a view of each TensorLocation inside its segment's uint8 buffer (no copy).
+
+    Shared by the /dev/shm and the CUDA IPC attach paths. Raises InvalidArgumentError
+    when a location names a missing segment, an unknown dtype, or bytes outside its segment.
+    """
     tensors = {}
     for location in layout.tensors:
         if not 0 <= location.segment_index < len(buffers):
