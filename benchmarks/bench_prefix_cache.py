@@ -24,9 +24,9 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+from local_services import LocalServices, save_random_llama
 
 from llmexec.v1 import sampling_pb2, scheduler_pb2, scheduler_pb2_grpc
-from local_services import LocalServices, save_random_llama
 
 
 async def one(stub, prompt: list[int], max_tokens: int) -> tuple[float, int, int]:

@@ -103,12 +103,12 @@ def gpu_step_seconds(loader_address: str, batch_sizes: list[int], context: int, 
     graph at each batch size and time its replay with CUDA events: the GPU's own time per step."""
     import grpc
     import torch
+
+    from llmexec.rpc.client import sync_channel
     from llmexec.runner.cuda_graphs import DecodeGraphs
     from llmexec.runner.cuda_ipc_attach import attach_cuda_weights
     from llmexec.runner.model_runner import GpuOptions, ModelRunner
     from llmexec.runner.server import layout_from_pb
-
-    from llmexec.rpc.client import sync_channel
     from llmexec.step import SequenceInput, StepInput
     from llmexec.v1 import loader_pb2, loader_pb2_grpc
 
@@ -191,8 +191,9 @@ def transformers_baseline(config: dict, args) -> dict:
 
 def write_checkpoint(folder: Path, config: dict) -> int:
     import torch
-    from llmexec.loader.config_tensors import config_tensor_specs
     from safetensors.torch import save_file
+
+    from llmexec.loader.config_tensors import config_tensor_specs
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))

@@ -29,17 +29,17 @@ import time
 from pathlib import Path
 
 import torch
+
 from llmexec.loader.config_tensors import config_tensor_specs
 from llmexec.loader.dummy_checkpoint import dummy_tensor
 from llmexec.loader.tp_plan import shard_plans
 from llmexec.loader.weight_plan import fill_slice, plan_weights
-from llmexec.runner.model_runner import GpuOptions, ModelRunner
-from llmexec.runner.tp_runner import TensorParallelModelRunner
-from llmexec.runner.tp_worker import WorkerRanks, rank_device
-
 from llmexec.models.parallel_layers import collective_seconds
 from llmexec.models.registry import architecture_of, model_class_for
 from llmexec.models.tensor_parallel import plan_for
+from llmexec.runner.model_runner import GpuOptions, ModelRunner
+from llmexec.runner.tp_runner import TensorParallelModelRunner
+from llmexec.runner.tp_worker import WorkerRanks, rank_device
 from llmexec.sampling_params import SamplingParams
 from llmexec.step import SequenceInput, StepInput
 

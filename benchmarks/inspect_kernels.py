@@ -16,9 +16,10 @@ import subprocess
 import tempfile
 
 import triton
-from llmexec.kernels import triton_decode, triton_prefill
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from llmexec.kernels import triton_decode, triton_prefill
 
 SM90 = GPUTarget("cuda", 90, 32)
 REGS_PER_SM, SMEM_PER_SM = 65536, 232448

@@ -16,6 +16,7 @@ imported only on the CUDA path: a CPU install needs no triton.
 from __future__ import annotations
 
 import torch
+
 from llmexec.kernels import torch_reference
 from llmexec.kernels.triton_support import triton_available
 

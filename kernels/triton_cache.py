@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from llmexec.kernels.triton_support import check_kv_cache, next_power_of_2
 
 

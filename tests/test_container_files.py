@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from service_settings import SERVICES, known_env_vars, parse_settings, service_of
 
 ROOT = Path(__file__).resolve().parents[1]

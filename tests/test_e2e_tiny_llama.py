@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
+from stack_fixture import start_stack
 
 from llmexec.v1 import loader_pb2, loader_pb2_grpc, sampling_pb2, scheduler_pb2, scheduler_pb2_grpc
-from stack_fixture import start_stack
 
 NEW_TOKENS = 32
 

@@ -150,11 +150,11 @@ def test_runner_detaches_when_the_loader_goes_and_reattaches_to_its_new_generati
 def test_fused_residual_norm_path_computes_what_the_plain_layers_do():
     """The CUDA path of the Llama family (residual adds fused into the next RMSNorm) against the
     plain one, on CPU where both run on the torch ops: same hidden states."""
-    from llmexec.runner.model_runner import ModelRunner
     from paged_harness import fused_weights
 
     from llmexec.models.attention import AttentionMetadata
     from llmexec.models.layers import StepRotary
+    from llmexec.runner.model_runner import ModelRunner
     from llmexec.step import SequenceInput, StepInput
 
     hf = tiny_llama(seed=3)

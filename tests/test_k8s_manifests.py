@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from kustomize_lite import _named, render
 from service_settings import parse_settings, service_of
 

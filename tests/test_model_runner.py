@@ -7,15 +7,6 @@ from functools import lru_cache
 import pytest
 import torch
 import transformers
-
-from llmexec.errors import CheckpointError, InvalidArgumentError, UnsupportedArchitectureError
-from llmexec.models.layers import rope_settings
-from llmexec.models.registry import model_class_for, supported_architectures
-from llmexec.runner.model_runner import ModelRunner, num_blocks_for_memory
-from llmexec.runner.sampler import sample
-from llmexec.sampling_params import SamplingParams
-from llmexec.step import SequenceInput
-
 from paged_harness import (
     GREEDY,
     NUM_BLOCKS,
@@ -29,6 +20,15 @@ from paged_harness import (
     shuffled_blocks,
 )
 from tiny_models import TINY_LLAMA as TINY
+
+from llmexec.errors import CheckpointError, InvalidArgumentError, UnsupportedArchitectureError
+from llmexec.models.layers import rope_settings
+from llmexec.models.registry import model_class_for, supported_architectures
+from llmexec.runner.model_runner import ModelRunner, num_blocks_for_memory
+from llmexec.runner.sampler import sample
+from llmexec.sampling_params import SamplingParams
+from llmexec.step import SequenceInput
+
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 500000.0,

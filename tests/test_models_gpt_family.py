@@ -14,18 +14,18 @@ from functools import cache
 import pytest
 import torch
 import transformers
-from llmexec.kernels.torch_reference import paged_attention, reshape_and_cache
-from llmexec.loader.checkpoint import open_checkpoint
-from llmexec.loader.shm_store import SharedWeights
-from llmexec.runner.model_runner import ModelRunner, kv_cache_spec
-from llmexec.runner.weight_attach import attach_weights
 from test_model_runner import NUM_BLOCKS, Sequence, assert_close_relative, make_step, shuffled_blocks
 
 from llmexec.errors import CheckpointError
+from llmexec.kernels.torch_reference import paged_attention, reshape_and_cache
+from llmexec.loader.checkpoint import open_checkpoint
+from llmexec.loader.shm_store import SharedWeights
 from llmexec.models.attention import AttentionMetadata
 from llmexec.models.gpt_neox import rotary_settings
 from llmexec.models.positional import alibi_slopes
 from llmexec.models.registry import architecture_of, supported_architectures
+from llmexec.runner.model_runner import ModelRunner, kv_cache_spec
+from llmexec.runner.weight_attach import attach_weights
 from llmexec.step import SequenceInput, StepInput
 
 VOCAB = 256

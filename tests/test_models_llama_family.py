@@ -12,17 +12,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 import transformers
-
-from llmexec.errors import CheckpointError
-from llmexec.loader.checkpoint import open_checkpoint
-from llmexec.loader.model_store import LoadedModel, ModelStore
-from llmexec.loader.shm_store import SharedWeights
-from llmexec.loader.weight_plan import materialize, plan_weights, specs_of
-from llmexec.models.config_keys import standard_config
-from llmexec.models.registry import architecture_of, model_class_for, supported_architectures
-from llmexec.runner.model_runner import ModelRunner
-from llmexec.runner.weight_attach import attach_weights
-
 from paged_harness import (
     NUM_BLOCKS,
     Sequence,
@@ -35,6 +24,16 @@ from paged_harness import (
     shuffled_blocks,
 )
 from tiny_models import TINY_LLAMA as TINY
+
+from llmexec.errors import CheckpointError
+from llmexec.loader.checkpoint import open_checkpoint
+from llmexec.loader.model_store import LoadedModel, ModelStore
+from llmexec.loader.shm_store import SharedWeights
+from llmexec.loader.weight_plan import materialize, plan_weights, specs_of
+from llmexec.models.config_keys import standard_config
+from llmexec.models.registry import architecture_of, model_class_for, supported_architectures
+from llmexec.runner.model_runner import ModelRunner
+from llmexec.runner.weight_attach import attach_weights
 
 WINDOW = 8  # shorter than the test prompts, so the sliding window cuts keys
 SPECIAL_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # inside the tiny vocabulary

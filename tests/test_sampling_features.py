@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paged_harness import fused_weights
+from tiny_models import tiny_llama
 
 from llmexec.errors import FailedPreconditionError, InvalidArgumentError
 from llmexec.runner.model_runner import ModelRunner
@@ -17,9 +19,6 @@ from llmexec.runner.sampler import sample, token_logprobs
 from llmexec.runner.token_history import TokenHistories
 from llmexec.sampling_params import SamplingParams
 from llmexec.step import SequenceInput, StepInput
-
-from paged_harness import fused_weights
-from tiny_models import tiny_llama
 
 BLOCK = 4
 

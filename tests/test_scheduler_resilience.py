@@ -29,12 +29,12 @@ import grpc
 import pytest
 import redis
 import torch
+from stack_fixture import start_stack
 
 from llmexec.redis_server import free_port
 from llmexec.rpc.client import check_health
 from llmexec.scheduler.state_store import SequenceStore
 from llmexec.v1 import sampling_pb2, scheduler_pb2, scheduler_pb2_grpc
-from stack_fixture import start_stack
 
 NUM_STREAMS = 20
 MAX_TOKENS = 80

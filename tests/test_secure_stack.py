@@ -22,6 +22,8 @@ import grpc
 import pytest
 import redis
 import torch
+from pki import make_pki
+from tiny_models import tiny_llama
 
 from llmexec.redis_server import EmbeddedRedis, free_port
 from llmexec.rpc.auth import bearer_metadata
@@ -29,9 +31,6 @@ from llmexec.rpc.client import check_health, sync_channel
 from llmexec.rpc.tls import ClientTLS
 from llmexec.scheduler.state_store import SequenceStore
 from llmexec.v1 import sampling_pb2, scheduler_pb2, scheduler_pb2_grpc
-
-from pki import make_pki
-from tiny_models import tiny_llama
 
 TOKEN = "token-from-a-mounted-secret"
 REDIS_PASSWORD = "redis-password-from-a-secret"

@@ -16,15 +16,6 @@ import os
 import pytest
 import torch
 import transformers
-from llmexec.loader.checkpoint import open_checkpoint
-from llmexec.loader.model_inspector import inspect_model
-from llmexec.loader.model_store import ModelStore
-from llmexec.loader.shm_store import SHM_DIR
-from llmexec.loader.tp_plan import shard_plans
-from llmexec.loader.weight_plan import materialize, plan_weights, specs_of
-from llmexec.runner.model_runner import ModelRunner
-from llmexec.runner.tp_runner import TensorParallelModelRunner
-from llmexec.runner.tp_worker import WorkerRanks
 from paged_harness import (
     NUM_BLOCKS,
     Sequence,
@@ -39,8 +30,17 @@ from paged_harness import (
 from tiny_models import TINY_LLAMA as TINY
 
 from llmexec.errors import InvalidArgumentError
+from llmexec.loader.checkpoint import open_checkpoint
+from llmexec.loader.model_inspector import inspect_model
+from llmexec.loader.model_store import ModelStore
+from llmexec.loader.shm_store import SHM_DIR
+from llmexec.loader.tp_plan import shard_plans
+from llmexec.loader.weight_plan import materialize, plan_weights, specs_of
 from llmexec.models.registry import architecture_of, model_class_for
 from llmexec.models.tensor_parallel import plan_for
+from llmexec.runner.model_runner import ModelRunner
+from llmexec.runner.tp_runner import TensorParallelModelRunner
+from llmexec.runner.tp_worker import WorkerRanks
 
 BLOCK_SIZE = 4
 NEOX_VOCAB = 251  # odd: rank 1's vocabulary slice is one row of padding short

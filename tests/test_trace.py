@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
+from paged_harness import fused_weights  # q/k/v and gate/up fused, as the loader lays them out
+from tiny_models import TINY_LLAMA
 
 from llmexec.cli.trace_render import mermaid, table, to_json
 from llmexec.runner.model_runner import ModelRunner
 from llmexec.runner.server import trace_stage_to_pb
 from llmexec.runner.tracer import trace_prefill_and_decode
 from llmexec.v1 import runner_pb2
-from paged_harness import fused_weights  # q/k/v and gate/up fused, as the loader lays them out
-from tiny_models import TINY_LLAMA
 
 
 def tiny_model(architecture: str):

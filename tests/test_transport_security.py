@@ -14,6 +14,7 @@ import grpc
 import pytest
 import redis
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pki import make_pki
 
 from llmexec.errors import FailedPreconditionError
 from llmexec.loader.model_store import ModelStore
@@ -27,8 +28,6 @@ from llmexec.rpc.tls import ClientTLS, ServerTLS
 from llmexec.rpc.transport_args import add_transport_args, transport_from_args
 from llmexec.scheduler.redis_connection import connect_redis, redact
 from llmexec.v1 import loader_pb2, loader_pb2_grpc
-
-from pki import make_pki
 
 LOADER = "llmexec.v1.LoaderService"
 TOKEN = "s3cret-token-for-tests"

@@ -16,11 +16,11 @@ import gc
 from collections.abc import Sequence
 
 import torch
+
+from llmexec.errors import CheckpointError, ResourceExhaustedError
 from llmexec.loader.checkpoint import Checkpoint
 from llmexec.loader.shm_store import SharedWeights, _stream, _view, plan_layout
 from llmexec.loader.weight_plan import TargetTensor, passthrough_plan
-
-from llmexec.errors import CheckpointError, ResourceExhaustedError
 from llmexec.weight_layout import CudaIpcHandle, WeightLayout, WeightSegment
 
 

@@ -15,9 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from llmexec.loader.weight_plan import SourceSlice, TargetTensor
-
 from llmexec.errors import InvalidArgumentError
+from llmexec.loader.weight_plan import SourceSlice, TargetTensor
 from llmexec.models.tensor_parallel import (
     ColumnSplit,
     RowSplit,

@@ -18,12 +18,12 @@ from llmexec.errors import FailedPreconditionError, UnavailableError
 from llmexec.rpc.client import aio_channel
 from llmexec.rpc.codec import step_from_pb, step_output_to_pb
 from llmexec.rpc.tls import ClientTLS
+from llmexec.runner.block_tables import BlockTables
 from llmexec.runner.cuda_ipc_attach import attach_cuda_weights
 from llmexec.runner.model_runner import GpuOptions, ModelRunner, num_blocks_for_memory
-from llmexec.runner.tracer import StageTrace, trace_prefill_and_decode
-from llmexec.runner.block_tables import BlockTables
 from llmexec.runner.token_history import TokenHistories
 from llmexec.runner.tp_runner import attach_tensor_parallel
+from llmexec.runner.tracer import StageTrace, trace_prefill_and_decode
 from llmexec.runner.weight_attach import attach_weights
 from llmexec.v1 import loader_pb2, loader_pb2_grpc, runner_pb2, runner_pb2_grpc
 from llmexec.weight_layout import CudaIpcHandle, TensorLocation, WeightLayout, WeightSegment

@@ -14,12 +14,12 @@ import weakref
 from collections.abc import Callable, Mapping
 
 import torch
-from llmexec.runner.model_runner import GpuOptions, ModelRunner, num_blocks_for_memory
-from llmexec.runner.tp_worker import RankSetup, WorkerRanks, rank_device
-from llmexec.runner.weight_attach import attach_weights
 
 from llmexec.errors import UnavailableError
 from llmexec.models.tensor_parallel import rank_config
+from llmexec.runner.model_runner import GpuOptions, ModelRunner, num_blocks_for_memory
+from llmexec.runner.tp_worker import RankSetup, WorkerRanks, rank_device
+from llmexec.runner.weight_attach import attach_weights
 from llmexec.step import StepInput
 from llmexec.weight_layout import WeightLayout
 
@@ -142,9 +142,8 @@ async def attach_tensor_parallel(cfg, info, rank0_layout: WeightLayout) -> Tenso
     import asyncio
     import json
 
-    from llmexec.runner.server import layout_from_pb  # the server imports this module
-
     from llmexec.rpc.client import aio_channel
+    from llmexec.runner.server import layout_from_pb  # the server imports this module
     from llmexec.v1 import loader_pb2, loader_pb2_grpc
 
     layouts = [rank0_layout]

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmexec.errors import UnsupportedArchitectureError
-from llmexec.models.attention import Attention, AttentionMetadata
 from llmexec.kernels import backend
+from llmexec.models.attention import Attention, AttentionMetadata
 from llmexec.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, StepRotary, rope_inv_freq, rope_settings
 from llmexec.models.tensor_parallel import ROW, VOCAB, ColumnSplit, Split
 from llmexec.models.weight_binding import bind_checkpoint_tensors
