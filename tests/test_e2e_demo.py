@@ -78,3 +78,18 @@ def test_stop_string_ends_the_stream_without_the_stop_text(demo_stack, hf_demo):
     text = "".join(r.text for r in stream)
     assert stream[-1].finish_reason == scheduler_pb2.FINISH_REASON_STOP
     assert text == "The capital of "
+
+
+def test_cli_generate_streams_text_n_completions_and_logprobs(demo_stack):
+    greedy = demo_stack.cli("generate", "--chat", "What is the capital of France?", "--max-tokens", "16",
+                            "--address", demo_stack.scheduler)
+    assert greedy.returncode == 0, greedy.stderr
+    assert "Paris" in greedy.stdout
+    sampled = demo_stack.cli("generate", "--chat", "Name a color.", "--max-tokens", "6", "--temperature", "0.8",
+                             "--seed", "3", "-n", "2", "--logprobs", "2", "--repetition-penalty", "1.1",
+                             "--address", demo_stack.scheduler)
+    assert sampled.returncode == 0, sampled.stderr
+    assert "--- completion 0" in sampled.stdout and "--- completion 1" in sampled.stdout
+    assert "logprob" in sampled.stderr and "rank" in sampled.stderr
+    refused = demo_stack.cli("generate", "hi", "--top-p", "0", "--address", demo_stack.scheduler)
+    assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr

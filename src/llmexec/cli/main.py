@@ -10,7 +10,7 @@ import time
 import grpc
 
 from llmexec.cli import stack
-from llmexec.cli.generate import build_request, stream
+from llmexec.cli.generate import add_generate_parser, build_request, stream
 from llmexec.cli.inspect import add_inspect_parser, cmd_inspect
 from llmexec.cli.trace import add_trace_parser, cmd_trace
 from llmexec.errors import LLMExecError
@@ -54,19 +54,6 @@ def add_up_parser(sub) -> None:
                    help="scheduler's Prometheus /metrics port (default: a free one, see GetServerInfo)")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for every service to serve")
     p.add_argument("--detach", action="store_true", help="return once serving; stop later with `llmexec down`")
-
-
-def add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="stream a completion from the running stack")
-    p.add_argument("prompt")
-    p.add_argument("--address", default="", help="scheduler address (default: the running stack's)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[])
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -166,10 +153,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not address:
         rec = stack.load_state().get("scheduler")
         address = rec.address if rec else "127.0.0.1:50051"
-    request = build_request(args.prompt, args.chat, args.max_tokens, args.temperature, args.top_p, args.top_k,
-                            args.seed, args.stop)
+    request = build_request(args)
     try:
-        stream(address, request)
+        stream(address, request, args)
     except grpc.RpcError as exc:
         print(f"\n{exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
