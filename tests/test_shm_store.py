@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 
 import pytest
@@ -186,3 +187,48 @@ def test_tensor_never_streamed_is_listed(tiny, model_id):
     with pytest.raises(CheckpointError, match=r"never read: model\.norm\.weight"):
         SharedWeights.create(model_id, checkpoint, dtype=None)
     assert shm_files(model_id) == []
+
+
+def test_stale_segments_of_a_killed_loader_are_removed_and_live_ones_kept(tmp_path):
+    """A loader killed with SIGKILL leaves its file; the next loader's start-up sweep removes it."""
+    import signal
+
+    from llmexec.loader.shm_store import remove_stale_segments
+
+    model = tiny_llama()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from llmexec.loader.checkpoint import open_checkpoint
+            from llmexec.loader.shm_store import SharedWeights
+            weights = SharedWeights.create("killed", open_checkpoint({str(folder)!r}))
+            print(weights.path, flush=True)
+            time.sleep(600)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    killed_path = child.stdout.readline().strip()
+    live = SharedWeights.create("live", open_checkpoint(str(folder)))
+    try:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        assert os.path.exists(killed_path)  # nothing cleaned up after the kill
+        old = time.time() - 60
+        for path in (killed_path, live.path):
+            os.utime(path, (old, old))
+        removed = remove_stale_segments(SHM_DIR)
+        assert killed_path in removed and not os.path.exists(killed_path)
+        assert live.path not in removed and os.path.exists(live.path)
+        # A file that just appeared is never taken, even unlocked.
+        young = os.path.join(SHM_DIR, f"llmexec-young-{uuid.uuid4().hex[:8]}")
+        open(young, "wb").close()
+        try:
+            assert young not in remove_stale_segments(SHM_DIR)
+        finally:
+            os.unlink(young)
+    finally:
+        live.close()
+        if os.path.exists(killed_path):
+            os.unlink(killed_path)

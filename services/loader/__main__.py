@@ -10,6 +10,7 @@ import os
 from llmexec.loader.checkpoint import LOAD_FORMATS
 from llmexec.loader.model_store import ModelStore
 from llmexec.loader.server import LoaderServicer
+from llmexec.loader.shm_store import remove_stale_segments
 from llmexec.quantization import QUANTIZATION_HELP, QUANTIZATIONS
 from llmexec.rpc.server import configure_logging, serve_until_signalled, start_server
 from llmexec.rpc.transport_args import add_transport_args, transport_from_args
@@ -47,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def amain(args: argparse.Namespace) -> None:
+    for path in remove_stale_segments():
+        log.warning("removed %s: a weight file left by a loader that is gone", path)
     store = ModelStore(args.device)
     transport = transport_from_args(args)
     service = loader_pb2.DESCRIPTOR.services_by_name["LoaderService"].full_name

@@ -8,10 +8,12 @@ a time, so loading never holds the model twice.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import secrets
 import tempfile
+import time
 from collections.abc import Sequence
 
 import torch
@@ -32,9 +34,12 @@ ALIGNMENT = 64
 class SharedWeights:
     """A model's tensors as views into one shared-memory file the loader owns."""
 
-    def __init__(self, layout: WeightLayout, tensors: dict[str, torch.Tensor]):
+    def __init__(self, layout: WeightLayout, tensors: dict[str, torch.Tensor], lock_fd: int | None = None):
         self.layout = layout
         self.tensors = tensors
+        # A shared flock on the file for as long as we own it: remove_stale_segments()
+        # tells a dead loader's leftover file from a live one by it.
+        self._lock_fd = lock_fd
         self._closed = False
 
     @classmethod
@@ -63,16 +68,18 @@ class SharedWeights:
         path = os.path.join(SHM_DIR, f"llmexec-{_file_safe(model_id)}-{secrets.token_hex(4)}")
         locations, size = plan_layout(plan, dtype)
         layout = WeightLayout(segments=[WeightSegment(path, size)], tensors=locations)
+        lock_fd = None
         try:
-            _reserve(path, size)
+            lock_fd = _reserve(path, size)
             buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
             tensors = {location.name: _view(buffer, location) for location in locations}
             _stream(checkpoint, plan, tensors)
         except BaseException:
             # Also on KeyboardInterrupt: a half-filled file would hold RAM until reboot.
             _unlink(path)
+            _close_lock(lock_fd)
             raise
-        return cls(layout, tensors)
+        return cls(layout, tensors, lock_fd)
 
     @classmethod
     def create_ranks(
@@ -88,21 +95,25 @@ class SharedWeights:
         Raises as `create`; on any failure no file is left behind.
         """
         paths: list[str] = []
+        lock_fds: list[int] = []
         try:
             shards, stores = [], []
             for rank, plan in enumerate(plans):
                 path = os.path.join(SHM_DIR, f"llmexec-{_file_safe(model_id)}-rank{rank}-{secrets.token_hex(4)}")
                 locations, size = plan_layout(plan, dtype)
-                _reserve(path, size)
+                lock_fds.append(_reserve(path, size))
                 paths.append(path)
                 buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
                 tensors = {location.name: _view(buffer, location) for location in locations}
-                shards.append(cls(WeightLayout(segments=[WeightSegment(path, size)], tensors=locations), tensors))
+                layout = WeightLayout(segments=[WeightSegment(path, size)], tensors=locations)
+                shards.append(cls(layout, tensors, lock_fds[-1]))
                 stores.append((plan, tensors))
             _stream_into(checkpoint, stores)
         except BaseException:
             for path in paths:
                 _unlink(path)
+            for fd in lock_fds:
+                _close_lock(fd)
             raise
         return shards
 
@@ -129,6 +140,7 @@ class SharedWeights:
         if not self._closed:
             self._closed = True
             _unlink(self.path)
+            _close_lock(self._lock_fd)
 
     def __enter__(self) -> SharedWeights:
         return self
@@ -156,25 +168,70 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _reserve(path: str, size: int) -> None:
+def _reserve(path: str, size: int) -> int:
+    """Create `path` with `size` bytes allocated; return an fd holding a shared flock on it."""
     # O_EXCL: never adopt a file some other process made with our name.
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
         # Allocate now: writing into a sparse tmpfs mapping that runs out of
         # space kills the process with SIGBUS instead of raising.
         if hasattr(os, "posix_fallocate"):
             os.posix_fallocate(fd, 0, size)
         else:  # macOS: no way to reserve, only to size
             os.ftruncate(fd, size)
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.ENOMEM):
+    except BaseException as error:
+        os.close(fd)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.ENOMEM):
             raise ResourceExhaustedError(
                 f"{SHM_DIR} has no room for {size / 2**30:.2f} GiB of weights ({path}); "
                 "enlarge it (e.g. a bigger in-memory emptyDir) or load in a smaller dtype"
             ) from error
         raise
-    finally:
-        os.close(fd)
+    return fd
+
+
+def _close_lock(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def remove_stale_segments(directory: str = SHM_DIR, min_age_s: float = 10.0) -> list[str]:
+    """Unlink weight files no live loader owns (one killed with SIGKILL cannot clean up).
+
+    Every loader holds a shared flock on its files while it lives; a file on which an
+    exclusive lock can be taken has no owner. Files younger than min_age_s are left
+    alone, so a file being created (locked a moment after it appears) is never taken.
+    Returns the paths removed.
+    """
+    removed = []
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith("llmexec-")]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # a live loader's
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime >= min_age_s:
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _view(buffer: torch.Tensor, location: TensorLocation) -> torch.Tensor:
