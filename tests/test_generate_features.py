@@ -104,3 +104,28 @@ def test_resume_while_running_and_after_finishing_gives_the_same_stream(demo_sta
     assert "".join(r.text for r in finished) == "".join(r.text for r in original[5:])
     assert finished[-1].finish_reason == original[-1].finish_reason != 0
     assert all(r.request_id == request_id for r in live + finished)
+
+
+def test_stream_interval_groups_tokens_and_keeps_the_stream(demo_stack):
+    prompt = "List the planets of the solar system:"
+    each = call(demo_stack.scheduler, prompt=prompt, params=dict(max_tokens=10, temperature=0, ignore_eos=True))
+    grouped = call(demo_stack.scheduler, prompt=prompt, stream_interval=4,
+                   params=dict(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0))
+    whole = call(demo_stack.scheduler, prompt=prompt, stream_interval=10,
+                 params=dict(max_tokens=10, temperature=0, ignore_eos=True))
+    assert [len(r.token_ids) for r in grouped] == [4, 4, 2]
+    assert len(whole) == 1 and whole[0].finish_reason == scheduler_pb2.FINISH_REASON_LENGTH
+    for replies in (grouped, whole):
+        assert [t for r in replies for t in r.token_ids] == [t for r in each for t in r.token_ids]
+        assert "".join(r.text for r in replies) == "".join(r.text for r in each)
+        assert replies[-1].completion_tokens == 10 and replies[0].request_id
+    assert [len(r.logprobs) for r in grouped] == [4, 4, 2]
+
+
+def test_negative_stream_interval_is_invalid(demo_stack):
+    try:
+        call(demo_stack.scheduler, prompt="hi", stream_interval=-1, params=dict(max_tokens=2))
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "stream_interval" in exc.details()
+    else:
+        raise AssertionError("a negative stream_interval was accepted")

@@ -100,9 +100,10 @@ class Engine:
 
     # -- what request handlers call
 
-    def add(self, seqs: list[Sequence]) -> asyncio.Queue:
+    def add(self, seqs: list[Sequence], stream_interval: int = 1) -> asyncio.Queue:
         """Queue a request's completions (validated sequences sharing one group_id);
-        returns the queue their StreamChunks arrive on, END after the last."""
+        returns the queue their StreamChunks arrive on, END after the last. Each chunk
+        carries stream_interval new tokens (fewer with a completion's last)."""
         group_id = seqs[0].group_id
         if group_id in self.requests:
             raise InvalidArgumentError(f"request_id {group_id!r} is already in flight")
@@ -118,7 +119,8 @@ class Engine:
                 replica.scheduler.abort(seq.request_id)
             raise
         replica.num_routed += len(seqs)
-        stream = RequestStream(group_id, [Completion.start(s, self.tokenizer) for s in seqs], replica)
+        stream = RequestStream(group_id, [Completion.start(s, self.tokenizer) for s in seqs], replica,
+                               stream_interval=max(1, stream_interval))
         queue: asyncio.Queue = asyncio.Queue()
         stream.subscribers.append(queue)
         self.requests[group_id] = stream
@@ -298,7 +300,11 @@ class Engine:
     def _deliver(self, chunks: list[tuple[RequestStream, StreamChunk]]) -> None:
         done = []
         for stream, chunk in chunks:
-            stream.completions[chunk.index].num_delivered += len(chunk.token_ids)
+            completion = stream.completions[chunk.index]
+            chunk = completion.release(chunk, stream.stream_interval)
+            if chunk is None:
+                continue
+            completion.num_delivered += len(chunk.token_ids)
             stream.publish(chunk)
             if chunk.finish_reason is not None and stream.finished:
                 done.append(stream)

@@ -11,7 +11,7 @@ detokenizer, which is deterministic.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llmexec.scheduler.detokenizer import IncrementalDetokenizer
 from llmexec.scheduler.sequence import Sequence
@@ -34,6 +34,15 @@ class StreamChunk:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
 
+    def followed_by(self, later: "StreamChunk") -> "StreamChunk":
+        """One chunk holding this one and a later one of the same completion (a new
+        object: a chunk may sit on several subscribers' queues)."""
+        last = later if later.finish_reason is not None else self
+        return replace(later, token_ids=self.token_ids + later.token_ids, text=self.text + later.text,
+                       logprobs=self.logprobs + later.logprobs, finish_reason=last.finish_reason,
+                       prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                       cached_prompt_tokens=last.cached_prompt_tokens)
+
 
 @dataclass(eq=False)
 class Completion:
@@ -42,6 +51,17 @@ class Completion:
     texts: list[str] = field(default_factory=list)  # per output token
     last_token_time: float | None = None  # in this process; None before its first token here
     num_delivered: int = 0  # output tokens stored and handed to the subscribers
+    held: StreamChunk | None = None  # stored, not yet handed: fewer than stream_interval tokens
+
+    def release(self, chunk: StreamChunk, stream_interval: int) -> StreamChunk | None:
+        """The chunk to hand to the subscribers now: this one merged into what was held,
+        once stream_interval tokens have gathered or the completion finished; else None."""
+        if self.held is not None:
+            chunk, self.held = self.held.followed_by(chunk), None
+        if len(chunk.token_ids) < stream_interval and chunk.finish_reason is None:
+            self.held = chunk
+            return None
+        return chunk
 
     @classmethod
     def start(cls, seq: Sequence, tokenizer: Tokenizer | None) -> "Completion":
@@ -95,6 +115,7 @@ class RequestStream:
     completions: list[Completion]
     replica: object  # the Replica whose scheduler holds the unfinished completions
     subscribers: list[asyncio.Queue] = field(default_factory=list)
+    stream_interval: int = 1  # tokens per chunk handed to the subscribers (GenerateRequest.stream_interval)
 
     @property
     def finished(self) -> bool:

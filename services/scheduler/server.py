@@ -35,14 +35,30 @@ def chunk_to_pb(chunk: StreamChunk, request_id: str = "") -> scheduler_pb2.Gener
 
 
 async def next_items(queue: asyncio.Queue):
-    """The queue's StreamChunks until END; an exception put on it is raised."""
+    """The queue's StreamChunks until END; an exception put on it is raised.
+
+    Chunks that queued up while the previous one was being written (a client
+    reading slower than tokens arrive) go out merged, one per completion: a
+    slow reader costs the server fewer writes, not more."""
     while True:
         item = await queue.get()
-        if item is END:
-            return
-        if isinstance(item, Exception):
-            raise item
-        yield item
+        merged: list[StreamChunk] = []
+        while True:
+            if item is END or isinstance(item, Exception):
+                for chunk in merged:
+                    yield chunk
+                if item is END:
+                    return
+                raise item
+            if merged and merged[-1].index == item.index and merged[-1].finish_reason is None:
+                merged[-1] = merged[-1].followed_by(item)
+            else:
+                merged.append(item)
+            if queue.empty():
+                break
+            item = queue.get_nowait()
+        for chunk in merged:
+            yield chunk
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -105,9 +121,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         ]
 
     async def Generate(self, request, context):
+        if request.stream_interval < 0:
+            raise InvalidArgumentError(f"stream_interval must be >= 0 (0 or 1: every token), got {request.stream_interval}")
         seqs = self.sequences(request)
         group_id = seqs[0].group_id
-        outputs = self.engine.add(seqs)
+        outputs = self.engine.add(seqs, request.stream_interval)
         finished = False
         first = True
         try:

@@ -34,6 +34,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("-n", "--n", type=int, default=None, help="completions of the prompt (printed one after another)")
     p.add_argument("--stop", action="append", default=[])
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--stream-interval", type=int, default=0, help="tokens per message (0: each token as it comes)")
     p.add_argument("--api-token-file", default="", help="file holding the scheduler's bearer token")
     p.add_argument("--tls-ca", default="", help="CA certificate: connect with TLS")
     p.add_argument("--tls-cert", default="", help="client certificate, for mutual TLS")
@@ -50,7 +51,7 @@ def build_request(args: argparse.Namespace) -> scheduler_pb2.GenerateRequest:
         value = getattr(args, name)
         if value is not None:
             setattr(params, name, value)
-    request = scheduler_pb2.GenerateRequest(sampling_params=params)
+    request = scheduler_pb2.GenerateRequest(sampling_params=params, stream_interval=args.stream_interval)
     if args.chat:
         request.messages.append(scheduler_pb2.ChatMessage(role="user", content=args.prompt))
     else:

@@ -25,31 +25,31 @@ _sym_db = _symbol_database.Default()
 from llmexec.v1 import sampling_pb2 as llmexec_dot_v1_dot_sampling__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1allmexec/v1/scheduler.proto\x12\nllmexec.v1\x1a\x19llmexec/v1/sampling.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc1\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.llmexec.v1.ChatMessage\x12\x33\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1a.llmexec.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\"\x84\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.llmexec.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x12\r\n\x05index\x18\x07 \x01(\x05\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.llmexec.v1.TokenLogprobs\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\t \x01(\x05\";\n\x15ResumeGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x05\"\x8a\x02\n\x16ResumeGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.llmexec.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x12\r\n\x05index\x18\x07 \x01(\x05\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.llmexec.v1.TokenLogprobs\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\t \x01(\x05\"\x16\n\x14GetServerInfoRequest\"\xb3\x02\n\x15GetServerInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x12\n\nnum_blocks\x18\x06 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x07 \x01(\x05\x12\x18\n\x10running_requests\x18\x08 \x01(\x05\x12\x18\n\x10waiting_requests\x18\t \x01(\x05\x12\x15\n\rhas_tokenizer\x18\n \x01(\x08\x12)\n\x07runners\x18\x0b \x03(\x0b\x32\x18.llmexec.v1.RunnerStatus\x12\x14\n\x0cmetrics_port\x18\x0c \x01(\x05\"\xeb\x01\n\x0cRunnerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\x05\x12\x18\n\x10running_requests\x18\x05 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x06 \x01(\x05\x12\x18\n\x10routed_sequences\x18\x07 \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x08 \x01(\x03\x12!\n\x19prefix_cache_query_tokens\x18\t \x01(\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x8c\x02\n\x10SchedulerService\x12G\n\x08Generate\x12\x1b.llmexec.v1.GenerateRequest\x1a\x1c.llmexec.v1.GenerateResponse0\x01\x12T\n\rGetServerInfo\x12 .llmexec.v1.GetServerInfoRequest\x1a!.llmexec.v1.GetServerInfoResponse\x12Y\n\x0eResumeGenerate\x12!.llmexec.v1.ResumeGenerateRequest\x1a\".llmexec.v1.ResumeGenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1allmexec/v1/scheduler.proto\x12\nllmexec.v1\x1a\x19llmexec/v1/sampling.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xda\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.llmexec.v1.ChatMessage\x12\x33\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1a.llmexec.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x17\n\x0fstream_interval\x18\x07 \x01(\x05\"\x84\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.llmexec.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x12\r\n\x05index\x18\x07 \x01(\x05\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.llmexec.v1.TokenLogprobs\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\t \x01(\x05\";\n\x15ResumeGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x05\"\x8a\x02\n\x16ResumeGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.llmexec.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x12\r\n\x05index\x18\x07 \x01(\x05\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.llmexec.v1.TokenLogprobs\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\t \x01(\x05\"\x16\n\x14GetServerInfoRequest\"\xb3\x02\n\x15GetServerInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x12\n\nnum_blocks\x18\x06 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x07 \x01(\x05\x12\x18\n\x10running_requests\x18\x08 \x01(\x05\x12\x18\n\x10waiting_requests\x18\t \x01(\x05\x12\x15\n\rhas_tokenizer\x18\n \x01(\x08\x12)\n\x07runners\x18\x0b \x03(\x0b\x32\x18.llmexec.v1.RunnerStatus\x12\x14\n\x0cmetrics_port\x18\x0c \x01(\x05\"\xeb\x01\n\x0cRunnerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\x05\x12\x18\n\x10running_requests\x18\x05 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x06 \x01(\x05\x12\x18\n\x10routed_sequences\x18\x07 \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x08 \x01(\x03\x12!\n\x19prefix_cache_query_tokens\x18\t \x01(\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x8c\x02\n\x10SchedulerService\x12G\n\x08Generate\x12\x1b.llmexec.v1.GenerateRequest\x1a\x1c.llmexec.v1.GenerateResponse0\x01\x12T\n\rGetServerInfo\x12 .llmexec.v1.GetServerInfoRequest\x1a!.llmexec.v1.GetServerInfoResponse\x12Y\n\x0eResumeGenerate\x12!.llmexec.v1.ResumeGenerateRequest\x1a\".llmexec.v1.ResumeGenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmexec.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1476
-  _globals['_FINISHREASON']._serialized_end=1600
+  _globals['_FINISHREASON']._serialized_start=1501
+  _globals['_FINISHREASON']._serialized_end=1625
   _globals['_CHATMESSAGE']._serialized_start=69
   _globals['_CHATMESSAGE']._serialized_end=113
   _globals['_GENERATEREQUEST']._serialized_start=116
-  _globals['_GENERATEREQUEST']._serialized_end=309
-  _globals['_GENERATERESPONSE']._serialized_start=312
-  _globals['_GENERATERESPONSE']._serialized_end=572
-  _globals['_RESUMEGENERATEREQUEST']._serialized_start=574
-  _globals['_RESUMEGENERATEREQUEST']._serialized_end=633
-  _globals['_RESUMEGENERATERESPONSE']._serialized_start=636
-  _globals['_RESUMEGENERATERESPONSE']._serialized_end=902
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=904
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=926
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=929
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1236
-  _globals['_RUNNERSTATUS']._serialized_start=1239
-  _globals['_RUNNERSTATUS']._serialized_end=1474
-  _globals['_SCHEDULERSERVICE']._serialized_start=1603
-  _globals['_SCHEDULERSERVICE']._serialized_end=1871
+  _globals['_GENERATEREQUEST']._serialized_end=334
+  _globals['_GENERATERESPONSE']._serialized_start=337
+  _globals['_GENERATERESPONSE']._serialized_end=597
+  _globals['_RESUMEGENERATEREQUEST']._serialized_start=599
+  _globals['_RESUMEGENERATEREQUEST']._serialized_end=658
+  _globals['_RESUMEGENERATERESPONSE']._serialized_start=661
+  _globals['_RESUMEGENERATERESPONSE']._serialized_end=927
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=929
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=951
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=954
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=1261
+  _globals['_RUNNERSTATUS']._serialized_start=1264
+  _globals['_RUNNERSTATUS']._serialized_end=1499
+  _globals['_SCHEDULERSERVICE']._serialized_start=1628
+  _globals['_SCHEDULERSERVICE']._serialized_end=1896
 # @@protoc_insertion_point(module_scope)
