@@ -105,17 +105,23 @@ def decode_sweep(DecodeConfig, smoke: bool, no_sweep: bool):
     sweep = [("default", default)]
     if not no_sweep:
         sweep += [
-            ("n64w4s3", DecodeConfig(block_n=64, num_warps=4, num_stages=3)),
-            ("n64w4s4", DecodeConfig(block_n=64, num_warps=4, num_stages=4)),
-            ("n32w4s5", DecodeConfig(block_n=32, num_warps=4, num_stages=5)),
-            ("n32w4s3", DecodeConfig(block_n=32, num_warps=4, num_stages=3)),
-            ("n64w8s5", DecodeConfig(block_n=64, num_warps=8, num_stages=5)),
-            ("n128w8s3", DecodeConfig(block_n=128, num_warps=8, num_stages=3)),
-            ("n64w4s5p4", DecodeConfig(programs_per_sm=4)),
-            ("n64w4s5p16", DecodeConfig(programs_per_sm=16)),
-            ("n64w4s5p32", DecodeConfig(programs_per_sm=32, min_partition=128)),
+            ("unfused", DecodeConfig(fused_merge=False)),
+            ("n64w4s5", DecodeConfig(block_n=64)),
+            ("n64w4s4", DecodeConfig(block_n=64, num_stages=4)),
+            ("n128w4s4", DecodeConfig(block_n=128, num_stages=4)),
+            ("n32w4s3", DecodeConfig(num_stages=3)),
+            ("n32w4s5p2", DecodeConfig(programs_per_sm=2)),
+            ("n32w4s5p4", DecodeConfig(programs_per_sm=4)),
         ]
     return sweep
+
+
+def previous_default(DecodeConfig, num_seqs: int, max_seq_len: int, multiprocessors: int):
+    """The default before the one-wave rule (2026-11 first H200 run): 64-key tiles, a separate merge
+    kernel, and splits until the grid had 8 programs per SM (any number of waves)."""
+    splits = -(-8 * multiprocessors // (num_seqs * KV_HEADS))
+    splits = max(1, min(splits, max(1, max_seq_len // 256), -(-max_seq_len // 64)))
+    return DecodeConfig(block_n=64, num_stages=5, num_splits=splits, fused_merge=False)
 
 
 def prefill_sweep(PrefillConfig, smoke: bool, no_sweep: bool):
@@ -172,6 +178,7 @@ def time_configs(torch, timer, sweep, launch, expected, describe) -> dict:
 def decode_combo(torch, F, timer, k_cache, v_cache, batch, context, copy_bw, sweep):
     """One (batch, context) decode row: SDPA on a contiguous copy, then every config of the sweep."""
     from llmexec.kernels.triton_decode import choose_num_splits, default_decode_config, paged_decode_attention
+    from llmexec.kernels.triton_support import multiprocessor_count
 
     num_blocks, _, kv_heads, head_dim = k_cache.shape
     heads = kv_heads * (HEADS // KV_HEADS)
@@ -206,7 +213,7 @@ def decode_combo(torch, F, timer, k_cache, v_cache, batch, context, copy_bw, swe
     row["configs"] = time_configs(torch, timer, sweep, launch, expected, describe)
     for name, config in sweep:
         effective = config or default_decode_config(device, head_dim)
-        splits, partition = choose_num_splits(effective, batch, kv_heads, context, device)
+        splits, partition = choose_num_splits(effective, batch, kv_heads, context, multiprocessor_count(device))
         row["configs"][name].update(config=asdict(effective), num_splits=splits, partition=partition)
     return row
 
@@ -235,7 +242,13 @@ def run_decode(torch, F, timer, device, copy_bw, smoke, no_sweep):
             row["skipped"] = f"needs {2 * batch * context * token_bytes / 1e9:.1f} GB with its SDPA copy"
         else:
             try:
-                row.update(decode_combo(torch, F, timer, k_cache, v_cache, batch, context, copy_bw, sweep))
+                combo_sweep = sweep
+                if device.type == "cuda" and not no_sweep:
+                    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+                    combo_sweep = sweep + [
+                        ("previous", previous_default(DecodeConfig, batch, context, multiprocessors))
+                    ]
+                row.update(decode_combo(torch, F, timer, k_cache, v_cache, batch, context, copy_bw, combo_sweep))
             except torch.cuda.OutOfMemoryError as exc:
                 row["skipped"] = f"out of memory: {exc}".splitlines()[0]
         rows.append(row)
@@ -323,6 +336,7 @@ def print_tables(results) -> None:
     print("\ndecode  bf16, 32 q heads / 8 kv heads, head_dim 128, block 16; %copy = achieved / copy bandwidth")
     header = f"{'batch':>5} {'ctx':>6} {'splits':>6} {'ours us':>9} {'GB/s':>6} {'%copy':>6} "
     header += f"{'sdpa us':>9} {'GB/s':>6} {'x sdpa':>6}  {'best config':>12} {'us':>9} {'%copy':>6}"
+    header += f"  {'previous us':>11} {'%copy':>6}"
     print(header)
     for row in results["decode"]:
         if "skipped" in row or "configs" not in row:
@@ -336,6 +350,9 @@ def print_tables(results) -> None:
         line = f"{row['batch']:>5} {row['context']:>6} {d['num_splits']:>6} {d['us']:>9.1f} {d['GBps']:>6.0f} "
         line += f"{100 * d['of_copy']:>5.1f}% {row['sdpa_us']:>9.1f} {row['sdpa_GBps']:>6.0f} {d['vs_sdpa']:>6.2f}"
         line += f"  {name:>12} {best['us']:>9.1f} {100 * best['of_copy']:>5.1f}%"
+        previous = row["configs"].get("previous", {})
+        if "us" in previous:
+            line += f"  {previous['us']:>11.1f} {100 * previous['of_copy']:>5.1f}%"
         print(line)
     print("\nprefill  causal, bf16, 32 q heads / 8 kv heads, head_dim 128; TFLOP/s counts the causal half")
     print(

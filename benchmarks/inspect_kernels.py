@@ -35,6 +35,7 @@ _POINTERS = {
     "part_acc_ptr": "*fp32",
     "part_max_ptr": "*fp32",
     "part_sum_ptr": "*fp32",
+    "split_counters_ptr": "*i32",
 }
 
 
@@ -75,7 +76,9 @@ def describe(name: str, compiled) -> str:
 
 
 def main() -> None:
-    for block_n, warps, stages in [(64, 4, 3), (64, 4, 5), (32, 4, 5), (64, 8, 5), (128, 8, 3)]:
+    decode_configs = [(64, 4, 3, False), (64, 4, 5, False), (64, 4, 5, True), (32, 4, 5, True), (64, 8, 5, True),
+                      (128, 4, 4, True), (128, 8, 4, True), (64, 4, 4, True)]
+    for block_n, warps, stages, fused in decode_configs:
         constexprs = dict(
             NUM_HEADS=32,
             GROUP=4,
@@ -87,10 +90,13 @@ def main() -> None:
             USE_ALIBI=False,
             USE_WINDOW=False,
             SINGLE_SPLIT=False,
+            FUSED_MERGE=fused,
+            MERGE_BLOCK_H=4,
+            MERGE_BLOCK_S=triton_decode.merge_block_splits(4, 128),
             DOT_PRECISION="tf32",
         )
         compiled = compile_sm90(triton_decode._decode_partition_kernel, constexprs, warps, stages)
-        print(describe(f"decode n{block_n} w{warps} s{stages}", compiled))
+        print(describe(f"decode n{block_n} w{warps} s{stages}{' fused' if fused else ''}", compiled))
     for block_m, block_n, warps, stages in [(128, 64, 8, 3), (128, 64, 8, 5), (64, 64, 4, 5), (128, 32, 8, 5)]:
         constexprs = dict(
             GROUP=4,

@@ -21,7 +21,7 @@ if not ON_CUDA:
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[gpu]'); the kernels need it")
 
-from llmexec.kernels import backend, reference_ops, torch_reference
+from llmexec.kernels import backend, reference_ops, torch_reference, triton_decode
 from llmexec.kernels.rotary_table import rotary_cos_sin_cache
 from llmexec.kernels.triton_cache import reshape_and_cache
 from llmexec.kernels.triton_decode import DecodeConfig, paged_decode_attention
@@ -104,23 +104,51 @@ class PagedBatch:
 def test_decode_attention_matches_reference(dtype, head_dim, block_size, num_heads, num_kv_heads):
     batch = PagedBatch([(1, n) for n in DECODE_SEQ_LENS], head_dim, block_size, num_heads, num_kv_heads, dtype, 1)
     expected = batch.reference()
-    # The split count the launcher picks, a forced split-K with its merge, and one split (no merge).
-    for config in (None, DecodeConfig(block_n=32, num_splits=3), DecodeConfig(block_n=16, num_splits=1)):
+    # The split count the launcher picks; forced split-K merged in the last program (7 splits take
+    # two merge steps at GQA 8) or by a second kernel; one split (no merge).
+    configs = (
+        None,
+        DecodeConfig(block_n=32, num_splits=3),
+        DecodeConfig(block_n=16, num_splits=7),
+        DecodeConfig(block_n=32, num_splits=3, fused_merge=False),
+        DecodeConfig(block_n=16, num_splits=1),
+    )
+    for config in configs:
         out = paged_decode_attention(
             batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.max_seq_len,
             batch.scale, out=batch.poisoned_out(), config=config,
         )  # fmt: skip
         assert_matches(out, expected, dtype)
+    # The fused merge leaves its counters at zero for the next launch.
+    assert int(triton_decode.split_counters(DEVICE, 1).count_nonzero()) == 0
 
 
-@pytest.mark.parametrize("num_splits", [1, 4])
-def test_decode_attention_with_alibi_and_sliding_window(num_splits):
+def test_decode_split_rule_fills_one_wave():
+    """The default split count: the most splits whose grid fits one wave of 3 programs per SM."""
+    config, sms = DecodeConfig(), 132  # the H200
+    # batch 16 x 8 kv heads = 128 programs per split: 3 splits (384 <= 396) of 43 32-key tiles.
+    assert triton_decode.choose_num_splits(config, 16, 8, 4096, sms) == (3, 1376)
+    # Already past one wave with one split: never split.
+    assert triton_decode.choose_num_splits(config, 64, 8, 32768, sms)[0] == 1
+    assert triton_decode.choose_num_splits(config, 256, 8, 4096, sms)[0] == 1
+    # One sequence: 49 splits fill the wave; a short context stops at min_partition keys a split.
+    assert triton_decode.choose_num_splits(config, 1, 8, 32768, sms)[0] == 49
+    assert triton_decode.choose_num_splits(config, 1, 8, 512, sms) == (2, 256)
+    # Every split holds keys and the partitions cover the context, also for odd lengths.
+    for seqs, heads, seq_len in [(3, 2, 1000), (1, 1, 33), (40, 4, 70001)]:
+        splits, partition = triton_decode.choose_num_splits(config, seqs, heads, seq_len, sms)
+        assert partition % config.block_n == 0 and (splits - 1) * partition < seq_len <= splits * partition
+
+
+@pytest.mark.parametrize("num_splits,fused_merge", [(1, True), (4, True), (4, False)])
+def test_decode_attention_with_alibi_and_sliding_window(num_splits, fused_merge):
     dtype = ATTENTION_DTYPES[0]
     batch = PagedBatch([(1, n) for n in DECODE_SEQ_LENS], 64, 16, 8, 2, dtype, 2)
     options = {"alibi_slopes": alibi_slopes(8).to(DEVICE), "sliding_window": 27}
     out = paged_decode_attention(
         batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.max_seq_len,
-        batch.scale, out=batch.poisoned_out(), config=DecodeConfig(block_n=16, num_splits=num_splits), **options,
+        batch.scale, out=batch.poisoned_out(), config=DecodeConfig(block_n=16, num_splits=num_splits, fused_merge=fused_merge),
+        **options,
     )  # fmt: skip
     assert_matches(out, batch.reference(**options), dtype)
 
