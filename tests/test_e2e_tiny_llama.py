@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -61,6 +62,12 @@ def test_concurrent_greedy_token_ids_equal_transformers(tiny_stack, tiny_llama):
             out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
                                  attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
         assert got == out[0, len(prompt):].tolist()
+    # The decodes ran with async scheduling: steps planned while the one before ran.
+    with grpc.insecure_channel(tiny_stack.scheduler) as channel:
+        info = scheduler_pb2_grpc.SchedulerServiceStub(channel).GetServerInfo(scheduler_pb2.GetServerInfoRequest())
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{info.metrics_port}/metrics", timeout=10).read().decode()
+    planned_ahead = [line for line in metrics.splitlines() if line.startswith("llmexec:steps_planned_ahead_total")]
+    assert planned_ahead and float(planned_ahead[0].split()[-1]) >= NEW_TOKENS - 2
 
 
 def test_model_info_rpc(tiny_stack, tiny_llama):

@@ -23,6 +23,7 @@ import time
 import torch
 
 from llmexec.models.attention import AttentionMetadata
+from llmexec.runner.sampled_tokens import CarriedTokens
 from llmexec.step import StepInput
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
+        # Recorded after each step's copy out of the pinned host buffer: the next step waits on
+        # it before writing there (with async scheduling the host runs a step ahead of the GPU).
+        self._copied: torch.cuda.Event | None = None
 
     def capture(self) -> None:
         """Warm up and capture every size, largest first so smaller ones reuse its memory pool."""
@@ -93,11 +97,14 @@ class DecodeGraphs:
             s.query_len == 1 and s.seq_len <= self.max_seq_len and len(s.block_table) <= self.width for s in seqs
         )
 
-    def run(self, step: StepInput) -> torch.Tensor:
+    def run(self, step: StepInput, carried: CarriedTokens | None = None) -> torch.Tensor:
         """Launch the step's graph; returns logits [len(step.sequences), vocab] float32 (a view of the
-        graph's output, valid until the next run). Returns without waiting for the GPU."""
+        graph's output, valid until the next run). Returns without waiting for the GPU.
+        carried: input rows filled on the device from an earlier step's sampled tokens."""
         num_seqs = len(step.sequences)
         size = next(s for s in self.sizes if s >= num_seqs)
+        if self._copied is not None:
+            self._copied.synchronize()
         self.host_ids[:num_seqs] = step.input_ids
         self.host_positions[:num_seqs] = step.positions
         self.host_slots[:num_seqs] = step.slot_mapping
@@ -114,6 +121,11 @@ class DecodeGraphs:
         header, rows = self.header_len, size * self.width
         self.buffer[:header].copy_(self.host[:header], non_blocking=True)
         self.buffer[header : header + rows].copy_(self.host[header : header + rows], non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        if carried is not None:  # decode: row i of the inputs is sequence i
+            self.buffer[torch.tensor(carried.rows, device=self.device)] = carried.values.to(torch.int32)
         if size in self.graphs:
             self.graphs[size].replay()
             return self.logits[size][:num_seqs]

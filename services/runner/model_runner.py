@@ -24,8 +24,9 @@ from llmexec.models.tensor_parallel import plan_for, rank_config
 from llmexec.quantization.linear_swap import swap_quantized_linears
 from llmexec.runner.cuda_graphs import DecodeGraphs
 from llmexec.runner.gpu_memory import kv_cache_blocks, profile_activation_bytes
-from llmexec.runner.sampler import sample, token_logprobs
-from llmexec.step import StepInput, StepOutput
+from llmexec.runner.sampled_tokens import CarriedTokens
+from llmexec.runner.sampler import sample_on_device, token_logprobs
+from llmexec.step import StepInput, StepOutput, TokenLogprobs
 
 
 def kv_cache_spec(config: Mapping) -> tuple[int, int, int]:
@@ -144,27 +145,40 @@ class ModelRunner:
 
     def sample_step(self, step: StepInput, logits: torch.Tensor,
                     histories: list[list[int] | None] | None = None) -> StepOutput:
-        """Sample from execute_logits' result (on CUDA this is where the host waits for the GPU)."""
+        """Sample from execute_logits' result and wait for the tokens."""
+        return self.launch_sample(step, logits, histories).result()
+
+    def launch_sample(self, step: StepInput, logits: torch.Tensor,
+                      histories: list[list[int] | None] | None = None) -> "LaunchedStep":
+        """Queue the sampling of execute_logits' result; the tokens stay on the device, and
+        their copy to the host is queued (LaunchedStep.result waits for it)."""
         sampled = [s for s in step.sequences if s.needs_sample]
         params = [s.sampling_params for s in sampled]
         with torch.inference_mode():
-            token_ids = sample(logits, params, [s.output_index for s in sampled], histories, step.eos_token_ids)
-            return StepOutput(sampled_token_ids=token_ids, logprobs=token_logprobs(logits, token_ids, params))
+            tokens = sample_on_device(logits, params, [s.output_index for s in sampled], histories,
+                                      step.eos_token_ids)
+            logprobs: list[TokenLogprobs | None] = [None] * len(params)
+            if any(p.logprobs is not None for p in params):  # needs the tokens on the host now
+                logprobs = token_logprobs(logits, tokens.tolist(), params)
+        return LaunchedStep(tokens, logprobs)
 
-    def execute_logits(self, step: StepInput) -> torch.Tensor:
+    def execute_logits(self, step: StepInput, carried: CarriedTokens | None = None) -> torch.Tensor:
         """Run the step; return logits [num sequences with needs_sample, vocab] float32.
+        carried: input rows to take from an earlier step's tokens on the device (SampledTokens).
 
         On CUDA this returns once the work is queued, so the caller can do host work while
         the GPU runs (sample_step waits)."""
         self.validate(step)
         if self.decode_graphs is not None and self.decode_graphs.fits(step):
-            logits = self.decode_graphs.run(step)
+            logits = self.decode_graphs.run(step, carried)
             if all(s.needs_sample for s in step.sequences):
                 return logits
             rows = [i for i, s in enumerate(step.sequences) if s.needs_sample]
             return logits[torch.tensor(rows, dtype=torch.int64, device=self.device)]
         with torch.inference_mode():
             input_ids = torch.tensor(step.input_ids, dtype=torch.int64, device=self.device)
+            if carried is not None:
+                input_ids[torch.tensor(carried.rows, device=self.device)] = carried.values
             positions = torch.tensor(step.positions, dtype=torch.int64, device=self.device)
             attn_metadata = AttentionMetadata.build(step, self.block_size, self.device)
             hidden = self.model(input_ids, positions, attn_metadata, self.kv_caches)
@@ -206,3 +220,28 @@ class ModelRunner:
                 )
             if seq.block_table and (min(seq.block_table) < 0 or max(seq.block_table) >= self.num_blocks):
                 raise InvalidArgumentError(f"sequence {i}: block ids must lie in [0, {self.num_blocks})")
+
+
+class LaunchedStep:
+    """A step's sampled tokens, queued on the device, with their copy to the host under way."""
+
+    def __init__(self, tokens: torch.Tensor, logprobs: list[TokenLogprobs | None]) -> None:
+        self.tokens = tokens  # on the device: a step that continues this one reads them there
+        self.logprobs = logprobs
+        self._ready: torch.cuda.Event | None = None
+        if tokens.device.type == "cuda":
+            self._host = tokens.to("cpu", non_blocking=True)  # pinned by torch: a real async copy
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = tokens
+
+    @property
+    def waits(self) -> bool:
+        """Whether result() blocks on the device."""
+        return self._ready is not None and not self._ready.query()
+
+    def result(self) -> StepOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return StepOutput(sampled_token_ids=self._host.tolist(), logprobs=self.logprobs)

@@ -33,7 +33,19 @@ def sample(
     histories: Sequence[list[int] | None] | None = None,
     eos_token_ids: Sequence[int] = (),
 ) -> list[int]:
-    """logits [R, V] float32, one SamplingParams and output index per row -> R token ids.
+    """sample_on_device's tokens as a list (waits for the device)."""
+    return sample_on_device(logits, params, output_indices, histories, eos_token_ids).tolist()
+
+
+def sample_on_device(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    output_indices: list[int],
+    histories: Sequence[list[int] | None] | None = None,
+    eos_token_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    """logits [R, V] float32, one SamplingParams and output index per row -> R token ids (int64,
+    on logits' device; on CUDA queued, not waited for).
 
     histories[r] is row r's token history when its params have penalties (see
     logits_processing.apply_penalties). A row with a seed draws from a generator
@@ -55,7 +67,7 @@ def sample(
         tokens[rows] = _sample_random(
             logits[rows], [params[i] for i in random_rows], [output_indices[i] for i in random_rows]
         )
-    return tokens.tolist()
+    return tokens
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: list[int], params: list[SamplingParams]) -> list[TokenLogprobs | None]:

@@ -20,7 +20,8 @@ from llmexec.rpc.codec import step_from_pb, step_output_to_pb
 from llmexec.rpc.tls import ClientTLS
 from llmexec.runner.block_tables import BlockTables
 from llmexec.runner.cuda_ipc_attach import attach_cuda_weights
-from llmexec.runner.model_runner import GpuOptions, ModelRunner, num_blocks_for_memory
+from llmexec.runner.model_runner import GpuOptions, LaunchedStep, ModelRunner, num_blocks_for_memory
+from llmexec.runner.sampled_tokens import SampledTokens
 from llmexec.runner.token_history import TokenHistories
 from llmexec.runner.tp_runner import attach_tensor_parallel
 from llmexec.runner.tracer import StageTrace, trace_prefill_and_decode
@@ -29,6 +30,9 @@ from llmexec.v1 import loader_pb2, loader_pb2_grpc, runner_pb2, runner_pb2_grpc
 from llmexec.weight_layout import CudaIpcHandle, TensorLocation, WeightLayout, WeightSegment
 
 log = logging.getLogger(__name__)
+
+# How long a step waits for the step it continues to arrive (they come on separate calls).
+CONTINUED_STEP_WAIT_S = 10.0
 
 
 @dataclass
@@ -156,13 +160,17 @@ class RunnerServicer(runner_pb2_grpc.RunnerServiceServicer):
         self.device = device
         self.model_info: loader_pb2.ModelInfo | None = None
         self.runner: ModelRunner | None = None
-        # One step at a time: the KV cache and torch's threads are shared.
+        # One step started at a time, in order: the KV cache and torch's threads are shared.
+        # (Waiting for a step's tokens happens outside it, so the next step is queued on the
+        # GPU behind this one while the host waits.)
         self._step_lock = asyncio.Lock()
+        self._step_started = asyncio.Condition()  # notified when sampled_tokens.step_id changes
         # A new id per process: a scheduler that planned steps for the KV cache of
         # an earlier runner on this address learns that the cache is gone.
         self.instance_id = uuid.uuid4().hex
         self.token_histories = TokenHistories()
         self.block_tables = BlockTables()
+        self.sampled_tokens = SampledTokens()
 
     def attach(self, model_info: loader_pb2.ModelInfo, runner: ModelRunner) -> None:
         self.model_info, self.runner = model_info, runner
@@ -176,6 +184,7 @@ class RunnerServicer(runner_pb2_grpc.RunnerServiceServicer):
             self.instance_id = uuid.uuid4().hex
             self.token_histories = TokenHistories()
             self.block_tables = BlockTables()
+            self.sampled_tokens = SampledTokens()
             on_cuda = runner is not None and runner.device.type == "cuda"
             del runner
             gc.collect()
@@ -214,21 +223,43 @@ class RunnerServicer(runner_pb2_grpc.RunnerServiceServicer):
                 f"this step was planned for runner instance {step.runner_instance_id}, this is {self.instance_id} "
                 "(the runner restarted and its KV cache is empty): recompute"
             )
+        if step.continues_step_id:
+            await self._wait_for_step(step.continues_step_id)
+        started = time.perf_counter()
         async with self._step_lock:
             if self.runner is not runner:  # detached while this step waited: its weights are gone
                 raise UnavailableError("the runner detached from the loader's weights; retry once it serves again")
-            started = time.perf_counter()
-            output = await asyncio.to_thread(self._execute, runner, step)
-            elapsed = time.perf_counter() - started
-        return step_output_to_pb(output, elapsed)
+            try:
+                launched = await asyncio.to_thread(self._launch, runner, step)
+            finally:
+                async with self._step_started:
+                    self._step_started.notify_all()
+        output = await asyncio.to_thread(launched.result) if launched.waits else launched.result()
+        return step_output_to_pb(output, time.perf_counter() - started)
 
-    def _execute(self, runner: ModelRunner, step):
-        # On CUDA execute_logits returns with the step queued: the histories are updated
-        # while the GPU runs it. A refused history (FAILED_PRECONDITION) leaves the
-        # histories unchanged; the queued step only wrote KV slots the scheduler will rewrite.
-        self.block_tables.resolve(step)  # whole tables from the kept ones plus appended_blocks
-        logits = runner.execute_logits(step)  # validates first
-        return runner.sample_step(step, logits, self.token_histories.update(step))
+    async def _wait_for_step(self, step_id: int) -> None:
+        """A step planned while step_id ran arrives on its own call, maybe first: let step_id start."""
+        async with self._step_started:
+            try:
+                await asyncio.wait_for(
+                    self._step_started.wait_for(lambda: self.sampled_tokens.step_id == step_id), CONTINUED_STEP_WAIT_S
+                )
+            except TimeoutError:
+                pass  # sampled_tokens.carried refuses the step, naming what ran last
+
+    def _launch(self, runner: ModelRunner, step) -> LaunchedStep:
+        """Queue the step and its sampling (on CUDA the host does not wait for the GPU here).
+        A refused step leaves the token histories unchanged, and nothing may continue it."""
+        try:
+            self.block_tables.resolve(step)  # whole tables from the kept ones plus appended_blocks
+            carried = self.sampled_tokens.carried(step)
+            logits = runner.execute_logits(step, carried)  # validates first
+            launched = runner.launch_sample(step, logits, self.token_histories.update(step))
+        except Exception:
+            self.sampled_tokens.record(step, None)
+            raise
+        self.sampled_tokens.record(step, launched.tokens)
+        return launched
 
     async def TraceStep(self, request, context):
         runner = self._attached()

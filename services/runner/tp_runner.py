@@ -18,6 +18,7 @@ import torch
 from llmexec.errors import UnavailableError
 from llmexec.models.tensor_parallel import rank_config
 from llmexec.runner.model_runner import GpuOptions, ModelRunner, num_blocks_for_memory
+from llmexec.runner.sampled_tokens import CarriedTokens
 from llmexec.runner.tp_worker import RankSetup, WorkerRanks, rank_device
 from llmexec.runner.weight_attach import attach_weights
 from llmexec.step import StepInput
@@ -74,7 +75,9 @@ class TensorParallelModelRunner(ModelRunner):
     def tensor_parallel_size(self) -> int:
         return self.ranks.group.size
 
-    def execute_logits(self, step: StepInput) -> torch.Tensor:
+    def execute_logits(self, step: StepInput, carried: CarriedTokens | None = None) -> torch.Tensor:
+        if carried is not None:  # every rank gets the step from the host
+            carried.write_into(step.input_ids)
         if self.broken:
             raise UnavailableError(f"this runner lost a tensor-parallel rank ({self.broken}); it must restart")
         self.validate(step)  # refused here, before any rank starts it

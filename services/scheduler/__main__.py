@@ -44,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="waiting requests per runner before new ones get RESOURCE_EXHAUSTED; 0: no limit")
     p.add_argument("--no-prefix-caching", action="store_true",
                    default=env("LLMEXEC_PREFIX_CACHING", "1") in ("0", "false", "no"))
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   default=env("LLMEXEC_ASYNC_SCHEDULING", "1") in ("0", "false", "no"),
+                   help="plan each step only after the previous one's tokens are back (default: plan the next "
+                        "decode step while one runs)")
     p.add_argument("--metrics-port", type=int, default=int(env("LLMEXEC_METRICS_PORT", "0")),
                    help="Prometheus /metrics over HTTP; 0 picks a free port (GetServerInfo tells it), -1: off")
     p.add_argument("--metrics-host", default=env("LLMEXEC_METRICS_HOST", "127.0.0.1"))
@@ -106,7 +110,8 @@ async def amain(args: argparse.Namespace) -> None:
         replicas = build_replicas(connected, sched_config, max_model_len, eos_ids_from_config(config, tokenizer))
         store = SequenceStore(connect_redis(redis_url, read_password_file(args.redis_password_file)),
                               prefix=args.redis_prefix)
-        engine = Engine(replicas, store, tokenizer, model_name=model.model_id)
+        engine = Engine(replicas, store, tokenizer, model_name=model.model_id,
+                        async_scheduling=not args.no_async_scheduling)
         engine.recover()  # unfinished sequences of an earlier scheduler, before any client can ask
         if args.metrics_port >= 0:
             log.info("metrics on http://%s:%d/metrics", args.metrics_host,

@@ -122,7 +122,8 @@ class BlockManager:
         seq.num_computed_tokens += num_hit_tokens
         seq.num_registered_blocks = max(seq.num_registered_blocks, len(computed_blocks))
         seq.block_table.extend(self._take_block() for _ in range(max(0, num_needed)))
-        self._register_full_blocks(seq, num_total)
+        # A step planned ahead covers a token not sampled yet: its block is hashed on a later call.
+        self._register_full_blocks(seq, min(num_total, seq.num_tokens))
         return True
 
     def free(self, seq: Sequence) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import redis
 
@@ -44,12 +44,13 @@ STORE_RETRY_S = 0.5
 
 class Engine:
     def __init__(self, replicas: list[Replica], store: SequenceStore, tokenizer: Tokenizer | None,
-                 model_name: str = "") -> None:
+                 model_name: str = "", async_scheduling: bool = True) -> None:
         if not replicas:
             raise InvalidArgumentError("the engine needs at least one runner")
         self.replicas = replicas
         self.store = store
         self.tokenizer = tokenizer
+        self.async_scheduling = async_scheduling  # plan the next decode step while one runs (scheduler.py)
         self.requests: dict[str, RequestStream] = {}  # unfinished, by the client's request id
         self.metrics = EngineMetrics(model_name, self.snapshot)
         self._tasks: list[asyncio.Task] = []
@@ -219,49 +220,74 @@ class Engine:
     # -- the step loop
 
     async def _run(self, replica: Replica) -> None:
-        """Schedule, execute, update; each step's results are stored and delivered while the
-        runner computes the next step (the host work of the two overlaps the GPU's)."""
+        """Schedule, execute, update. Two kinds of overlap keep the runner busy: each step's
+        results are stored and delivered while the runner computes the next, and (async
+        scheduling) the next decode step is planned and sent before this one's tokens are
+        back, so the runner starts it as soon as it finishes this one."""
         scheduler = replica.scheduler
         pending: tuple[ScheduledStep, list[Sequence], float] | None = None  # updated, not yet stored
+        in_flight: deque[tuple[ScheduledStep, asyncio.Future, float]] = deque()  # sent, in order
         while True:
-            if pending is not None and not (replica.healthy and scheduler.has_unfinished()):
-                await self._publish(replica, *pending)
-                pending = None
-            if not replica.healthy:
-                await replica.wait_for_runner()
-                continue
-            if not scheduler.has_unfinished():
-                replica.work.clear()
-                await replica.work.wait()
-                continue
-            step = scheduler.schedule()
-            if step is None:
-                # Nothing fits this step (should not happen with a validated
-                # prompt); yield so aborts and new requests can arrive.
-                if pending is not None:
+            if not in_flight:
+                if pending is not None and not (replica.healthy and scheduler.has_unfinished()):
                     await self._publish(replica, *pending)
                     pending = None
-                await asyncio.sleep(0.005)
-                continue
-            step.step_input.runner_instance_id = replica.instance_id
-            started = time.perf_counter()
-            execution = asyncio.ensure_future(replica.client.execute(step.step_input))
+                if not replica.healthy:
+                    await replica.wait_for_runner()
+                    continue
+                if not scheduler.has_unfinished():
+                    replica.work.clear()
+                    await replica.work.wait()
+                    continue
+                step = scheduler.schedule()
+                if step is None:
+                    # Nothing fits this step (should not happen with a validated
+                    # prompt); yield so aborts and new requests can arrive.
+                    if pending is not None:
+                        await self._publish(replica, *pending)
+                        pending = None
+                    await asyncio.sleep(0.005)
+                    continue
+                in_flight.append(self._send(replica, step))
+            if self.async_scheduling and len(in_flight) == 1:
+                ahead = scheduler.schedule_ahead(in_flight[0][0])
+                if ahead is not None:
+                    in_flight.append(self._send(replica, ahead))
+                    self.metrics.steps_ahead.inc()
             if pending is not None:
-                # A stop string found here finishes a sequence this step already computes;
-                # update() skips it, and its blocks are reused only after the step returns.
+                # A stop string found here finishes a sequence a step in flight computes;
+                # update() skips it, and its blocks are reused only by steps sent later.
                 await self._publish(replica, *pending)
                 pending = None
+            step, execution, started = in_flight.popleft()
             try:
                 output = await execution
             except RunnerLost as exc:
                 log.warning("%s; recomputing its sequences", exc)
+                await self._settle(in_flight)
                 await self._runner_lost(replica)
                 continue
             except Exception as exc:  # noqa: BLE001 - the runner refused the step: fail its requests, keep serving
                 log.error("step failed on %s: %s", replica.address, exc)
+                await self._settle(in_flight)  # a step planned after it continues it: it fails too
                 self._fail(step, exc)
                 continue
             pending = (step, scheduler.update(step, output), started)
+
+    def _send(self, replica: Replica, step: ScheduledStep) -> tuple[ScheduledStep, asyncio.Future, float]:
+        step.step_input.runner_instance_id = replica.instance_id
+        return step, asyncio.ensure_future(replica.client.execute(step.step_input)), time.perf_counter()
+
+    @staticmethod
+    async def _settle(in_flight: deque) -> None:
+        """Wait out the steps sent after one that failed; their results are dropped (the
+        failure's handling recomputes or fails their sequences)."""
+        while in_flight:
+            _, execution, _ = in_flight.popleft()
+            try:
+                await execution
+            except Exception:  # noqa: BLE001, S110 - already handled through the first failure
+                pass
 
     async def _publish(self, replica: Replica, step: ScheduledStep, touched: list[Sequence], started: float) -> None:
         """Texts and stop strings of an updated step, then store it, then deliver: a client

@@ -57,6 +57,9 @@ class EngineMetrics:
                                       buckets=STEP_BUCKETS, registry=self.registry)
         self.step_tokens = Histogram("llmexec:step_batch_tokens", "Tokens in one step's flattened batch.",
                                      buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384), registry=self.registry)
+        self.steps_ahead = Counter("llmexec:steps_planned_ahead",
+                                   "Decode steps planned and sent while the step before them ran (async scheduling).",
+                                   registry=self.registry)
         self.store_seconds = Histogram("llmexec:state_store_write_seconds", "One step's Redis pipeline.",
                                        buckets=STEP_BUCKETS, registry=self.registry)
         self.kv_slots_allocated = Counter(

@@ -20,6 +20,17 @@ The caller's loop:
     output = runner.execute(step.step_input)
     for seq in scheduler.update(step, output): stream seq's new token
 Stop strings are text: the caller detects them and calls finish(id, "stop").
+
+Async scheduling: while a step runs, schedule_ahead(step) plans the next one
+before update() has seen the running step's tokens, when that next step is
+plain decoding of the same sequences: each continues from the token the
+running step is sampling (PREVIOUS_TOKEN, filled in by the runner). The caller
+sends it at once, so the runner never waits for the scheduler; it then calls
+update() for each step in order. A sequence that the running step finishes has
+computed one token too many, which update() drops. Anything else (admitting a
+waiting prompt, a prompt chunk, preempting, penalties that need the token
+itself) waits for a synchronous schedule() once nothing is in flight, so
+preemption never frees the blocks of a step that is still running.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from dataclasses import dataclass, field
 from llmexec.errors import InvalidArgumentError, ResourceExhaustedError
 from llmexec.scheduler.block_manager import BlockManager
 from llmexec.scheduler.sequence import FINISHED_STATUS, Sequence, SequenceStatus
-from llmexec.step import SequenceInput, StepInput, StepOutput
+from llmexec.step import PREVIOUS_TOKEN, SequenceInput, StepInput, StepOutput
 
 
 @dataclass
@@ -93,6 +104,7 @@ class Scheduler:
         self._admission_counter = itertools.count(1)
         self._finished_by_update: dict[str, Sequence] = {}
         self._runner_forget: list[str] = []  # histories the runner may drop, sent with the next step
+        self._step_ids = itertools.count(1)
 
     @property
     def num_waiting(self) -> int:
@@ -230,6 +242,37 @@ class Scheduler:
             step_input=self._build_step_input(scheduled), sequences=list(scheduled), preempted=preempted
         )
 
+    def schedule_ahead(self, running: ScheduledStep) -> ScheduledStep | None:
+        """The step after `running` (sent, not yet updated), planned now: one token per sequence
+        that `running` samples for, each continuing from that token. None when the next step
+        is not that simple (see the module's docstring)."""
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None  # a prompt can be admitted: schedule() does it
+        inputs = running.step_input.sequences
+        continuing = [seq for seq, inp in zip(running.sequences, inputs) if inp.needs_sample and not seq.is_finished]
+        if len(continuing) != len(self.running):
+            return None  # a sequence mid-prompt, or one that did not run
+        ahead: dict[Sequence, int] = {}  # sequence -> its position in the ahead step
+        num_new_blocks = 0
+        for seq, inp in zip(running.sequences, inputs):
+            if not inp.needs_sample or seq.is_finished:
+                continue
+            if seq.sampling_params.needs_token_history:
+                return None
+            params = seq.sampling_params
+            if seq.num_output_tokens + 1 >= params.max_tokens or inp.seq_len + 1 >= self.max_model_len:
+                continue  # the running step gives its last token
+            ahead[seq] = inp.seq_len
+            num_new_blocks += max(0, self.block_manager.num_blocks_for(inp.seq_len + 1) - len(seq.block_table))
+        if not ahead or num_new_blocks > self.block_manager.num_free_blocks:
+            return None
+        for seq, position in ahead.items():
+            allocated = self.block_manager.allocate_slots(seq, position + 1 - seq.num_computed_tokens)
+            assert allocated, "counted free blocks above"
+        step_input = self._build_ahead_input(ahead)
+        step_input.continues_step_id = running.step_input.step_id
+        return ScheduledStep(step_input=step_input, sequences=list(ahead))
+
     def update(self, step: ScheduledStep, output: StepOutput | list[int]) -> list[Sequence]:
         """Record what the step computed; append each sampled token and apply token-level stops.
 
@@ -301,6 +344,30 @@ class Scheduler:
                     seq_input.context_token_ids = seq.token_ids_slice(0, start)
                     seq.runner_has_history = True
             sequences.append(seq_input)
+        return self._step_input(input_ids, positions, slot_mapping, sequences)
+
+    def _build_ahead_input(self, ahead: dict[Sequence, int]) -> StepInput:
+        """One PREVIOUS_TOKEN per sequence, at the position after the running step's."""
+        block_size = self.block_manager.block_size
+        slots, sequences = [], []
+        for seq, position in ahead.items():
+            table = seq.block_table
+            slots.append(table[position // block_size] * block_size + position % block_size)
+            known = seq.runner_num_blocks
+            sequences.append(SequenceInput(
+                query_len=1,
+                seq_len=position + 1,
+                block_table=[] if known else list(table),
+                needs_sample=True,
+                sampling_params=seq.sampling_params,
+                output_index=seq.num_output_tokens + 1,  # the running step's token comes first
+                block_table_id=seq.request_id,
+                appended_blocks=table[known:] if known else None,
+            ))
+            seq.runner_num_blocks = len(table)
+        return self._step_input([PREVIOUS_TOKEN] * len(ahead), list(ahead.values()), slots, sequences)
+
+    def _step_input(self, input_ids, positions, slot_mapping, sequences) -> StepInput:
         forget, self._runner_forget = self._runner_forget, []
         return StepInput(
             input_ids=input_ids,
@@ -309,6 +376,7 @@ class Scheduler:
             sequences=sequences,
             finished_seq_ids=forget,
             eos_token_ids=sorted(self.eos_token_ids),
+            step_id=next(self._step_ids),
         )
 
     def _check_stop(self, seq: Sequence, token_id: int) -> SequenceStatus | None:

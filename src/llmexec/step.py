@@ -19,6 +19,12 @@ sequence: the scheduler sends the whole table only when the runner may not
 hold it (first step, after a preemption or a runner restart) and otherwise
 just the blocks appended since the sequence's previous step (appended_blocks).
 The runner resolves these into whole tables before running the step.
+
+Async scheduling: the scheduler plans step N+1 while step N runs, so a
+sequence's query token in N+1 may be the one N is still sampling. The scheduler
+sends PREVIOUS_TOKEN in its place and names N in continues_step_id; the runner
+fills it in on the device from N's sampled tokens, which the host need not have
+seen yet.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmexec.sampling_params import SamplingParams
+
+PREVIOUS_TOKEN = -1  # in StepInput.input_ids: this sequence's token sampled in step continues_step_id
 
 
 @dataclass
@@ -54,6 +62,8 @@ class StepInput:
     finished_seq_ids: list[str] = field(default_factory=list)  # histories the runner may drop
     eos_token_ids: list[int] = field(default_factory=list)  # masked while a sequence is under min_tokens
     runner_instance_id: str = ""  # the runner this step was planned for; "" skips the check
+    step_id: int = 0  # the scheduler's number for the step, increasing; 0: unnumbered
+    continues_step_id: int = 0  # with PREVIOUS_TOKEN in input_ids: the step whose samples fill them
 
     @property
     def num_tokens(self) -> int:

@@ -117,6 +117,8 @@ def step_to_pb(step: StepInput) -> runner_pb2.ExecuteStepRequest:
         finished_seq_ids=step.finished_seq_ids,
         eos_token_ids=step.eos_token_ids,
         runner_instance_id=step.runner_instance_id,
+        step_id=step.step_id,
+        continues_step_id=step.continues_step_id,
     )
 
 
@@ -155,4 +157,6 @@ def step_from_pb(pb: runner_pb2.ExecuteStepRequest) -> StepInput:
         finished_seq_ids=list(pb.finished_seq_ids),
         eos_token_ids=list(pb.eos_token_ids),
         runner_instance_id=pb.runner_instance_id,
+        step_id=pb.step_id,
+        continues_step_id=pb.continues_step_id,
     )

@@ -26,7 +26,7 @@ from llmexec.v1 import loader_pb2 as llmexec_dot_v1_dot_loader__pb2
 from llmexec.v1 import sampling_pb2 as llmexec_dot_v1_dot_sampling__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmexec/v1/runner.proto\x12\nllmexec.v1\x1a\x17llmexec/v1/loader.proto\x1a\x19llmexec/v1/sampling.proto\"\x16\n\x14GetRunnerInfoRequest\"C\n\rWeightAddress\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61ta_ptr\x18\x02 \x01(\x04\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"\xe9\x01\n\x15GetRunnerInfoResponse\x12)\n\nmodel_info\x18\x01 \x01(\x0b\x32\x15.llmexec.v1.ModelInfo\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x05 \x01(\t\x12\x33\n\x10weight_addresses\x18\x06 \x03(\x0b\x32\x19.llmexec.v1.WeightAddress\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12\x13\n\x0binstance_id\x18\x08 \x01(\t\"\x85\x02\n\rSequenceInput\x12\x11\n\tquery_len\x18\x01 \x01(\x05\x12\x0f\n\x07seq_len\x18\x02 \x01(\x05\x12\x13\n\x0b\x62lock_table\x18\x03 \x03(\x05\x12\x14\n\x0cneeds_sample\x18\x04 \x01(\x08\x12\x33\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1a.llmexec.v1.SamplingParams\x12\x14\n\x0coutput_index\x18\x06 \x01(\x05\x12\x0e\n\x06seq_id\x18\x07 \x01(\t\x12\x19\n\x11\x63ontext_token_ids\x18\x08 \x03(\x05\x12\x16\n\x0e\x62lock_table_id\x18\t \x01(\t\x12\x17\n\x0f\x61ppended_blocks\x18\n \x03(\x05\"\xcb\x01\n\x12\x45xecuteStepRequest\x12\x11\n\tinput_ids\x18\x01 \x03(\x05\x12\x11\n\tpositions\x18\x02 \x03(\x05\x12\x14\n\x0cslot_mapping\x18\x03 \x03(\x05\x12,\n\tsequences\x18\x04 \x03(\x0b\x32\x19.llmexec.v1.SequenceInput\x12\x18\n\x10\x66inished_seq_ids\x18\x05 \x03(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x1a\n\x12runner_instance_id\x18\x07 \x01(\t\"v\n\x13\x45xecuteStepResponse\x12\x19\n\x11sampled_token_ids\x18\x01 \x03(\x05\x12\x17\n\x0f\x65xecute_seconds\x18\x02 \x01(\x01\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.llmexec.v1.TokenLogprobs\",\n\x10TraceStepRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\"*\n\nTensorInfo\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\"\xc4\x01\n\nModuleCall\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nclass_name\x18\x03 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\x05\x12&\n\x06inputs\x18\x05 \x03(\x0b\x32\x16.llmexec.v1.TensorInfo\x12\'\n\x07outputs\x18\x06 \x03(\x0b\x32\x16.llmexec.v1.TensorInfo\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x14\n\x0cself_seconds\x18\x08 \x01(\x01\"p\n\nTraceStage\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12%\n\x05\x63\x61lls\x18\x03 \x03(\x0b\x32\x16.llmexec.v1.ModuleCall\x12\x18\n\x10sampled_token_id\x18\x04 \x01(\x05\"Q\n\x11TraceStepResponse\x12&\n\x06stages\x18\x01 \x03(\x0b\x32\x16.llmexec.v1.TraceStage\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t2\xff\x01\n\rRunnerService\x12T\n\rGetRunnerInfo\x12 .llmexec.v1.GetRunnerInfoRequest\x1a!.llmexec.v1.GetRunnerInfoResponse\x12N\n\x0b\x45xecuteStep\x12\x1e.llmexec.v1.ExecuteStepRequest\x1a\x1f.llmexec.v1.ExecuteStepResponse\x12H\n\tTraceStep\x12\x1c.llmexec.v1.TraceStepRequest\x1a\x1d.llmexec.v1.TraceStepResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmexec/v1/runner.proto\x12\nllmexec.v1\x1a\x17llmexec/v1/loader.proto\x1a\x19llmexec/v1/sampling.proto\"\x16\n\x14GetRunnerInfoRequest\"C\n\rWeightAddress\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61ta_ptr\x18\x02 \x01(\x04\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"\xe9\x01\n\x15GetRunnerInfoResponse\x12)\n\nmodel_info\x18\x01 \x01(\x0b\x32\x15.llmexec.v1.ModelInfo\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x05 \x01(\t\x12\x33\n\x10weight_addresses\x18\x06 \x03(\x0b\x32\x19.llmexec.v1.WeightAddress\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12\x13\n\x0binstance_id\x18\x08 \x01(\t\"\x85\x02\n\rSequenceInput\x12\x11\n\tquery_len\x18\x01 \x01(\x05\x12\x0f\n\x07seq_len\x18\x02 \x01(\x05\x12\x13\n\x0b\x62lock_table\x18\x03 \x03(\x05\x12\x14\n\x0cneeds_sample\x18\x04 \x01(\x08\x12\x33\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1a.llmexec.v1.SamplingParams\x12\x14\n\x0coutput_index\x18\x06 \x01(\x05\x12\x0e\n\x06seq_id\x18\x07 \x01(\t\x12\x19\n\x11\x63ontext_token_ids\x18\x08 \x03(\x05\x12\x16\n\x0e\x62lock_table_id\x18\t \x01(\t\x12\x17\n\x0f\x61ppended_blocks\x18\n \x03(\x05\"\xf7\x01\n\x12\x45xecuteStepRequest\x12\x11\n\tinput_ids\x18\x01 \x03(\x05\x12\x11\n\tpositions\x18\x02 \x03(\x05\x12\x14\n\x0cslot_mapping\x18\x03 \x03(\x05\x12,\n\tsequences\x18\x04 \x03(\x0b\x32\x19.llmexec.v1.SequenceInput\x12\x18\n\x10\x66inished_seq_ids\x18\x05 \x03(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x1a\n\x12runner_instance_id\x18\x07 \x01(\t\x12\x0f\n\x07step_id\x18\x08 \x01(\x04\x12\x19\n\x11\x63ontinues_step_id\x18\t \x01(\x04\"v\n\x13\x45xecuteStepResponse\x12\x19\n\x11sampled_token_ids\x18\x01 \x03(\x05\x12\x17\n\x0f\x65xecute_seconds\x18\x02 \x01(\x01\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.llmexec.v1.TokenLogprobs\",\n\x10TraceStepRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\"*\n\nTensorInfo\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\"\xc4\x01\n\nModuleCall\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nclass_name\x18\x03 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\x05\x12&\n\x06inputs\x18\x05 \x03(\x0b\x32\x16.llmexec.v1.TensorInfo\x12\'\n\x07outputs\x18\x06 \x03(\x0b\x32\x16.llmexec.v1.TensorInfo\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x14\n\x0cself_seconds\x18\x08 \x01(\x01\"p\n\nTraceStage\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12%\n\x05\x63\x61lls\x18\x03 \x03(\x0b\x32\x16.llmexec.v1.ModuleCall\x12\x18\n\x10sampled_token_id\x18\x04 \x01(\x05\"Q\n\x11TraceStepResponse\x12&\n\x06stages\x18\x01 \x03(\x0b\x32\x16.llmexec.v1.TraceStage\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t2\xff\x01\n\rRunnerService\x12T\n\rGetRunnerInfo\x12 .llmexec.v1.GetRunnerInfoRequest\x1a!.llmexec.v1.GetRunnerInfoResponse\x12N\n\x0b\x45xecuteStep\x12\x1e.llmexec.v1.ExecuteStepRequest\x1a\x1f.llmexec.v1.ExecuteStepResponse\x12H\n\tTraceStep\x12\x1c.llmexec.v1.TraceStepRequest\x1a\x1d.llmexec.v1.TraceStepResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,19 +42,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEQUENCEINPUT']._serialized_start=421
   _globals['_SEQUENCEINPUT']._serialized_end=682
   _globals['_EXECUTESTEPREQUEST']._serialized_start=685
-  _globals['_EXECUTESTEPREQUEST']._serialized_end=888
-  _globals['_EXECUTESTEPRESPONSE']._serialized_start=890
-  _globals['_EXECUTESTEPRESPONSE']._serialized_end=1008
-  _globals['_TRACESTEPREQUEST']._serialized_start=1010
-  _globals['_TRACESTEPREQUEST']._serialized_end=1054
-  _globals['_TENSORINFO']._serialized_start=1056
-  _globals['_TENSORINFO']._serialized_end=1098
-  _globals['_MODULECALL']._serialized_start=1101
-  _globals['_MODULECALL']._serialized_end=1297
-  _globals['_TRACESTAGE']._serialized_start=1299
-  _globals['_TRACESTAGE']._serialized_end=1411
-  _globals['_TRACESTEPRESPONSE']._serialized_start=1413
-  _globals['_TRACESTEPRESPONSE']._serialized_end=1494
-  _globals['_RUNNERSERVICE']._serialized_start=1497
-  _globals['_RUNNERSERVICE']._serialized_end=1752
+  _globals['_EXECUTESTEPREQUEST']._serialized_end=932
+  _globals['_EXECUTESTEPRESPONSE']._serialized_start=934
+  _globals['_EXECUTESTEPRESPONSE']._serialized_end=1052
+  _globals['_TRACESTEPREQUEST']._serialized_start=1054
+  _globals['_TRACESTEPREQUEST']._serialized_end=1098
+  _globals['_TENSORINFO']._serialized_start=1100
+  _globals['_TENSORINFO']._serialized_end=1142
+  _globals['_MODULECALL']._serialized_start=1145
+  _globals['_MODULECALL']._serialized_end=1341
+  _globals['_TRACESTAGE']._serialized_start=1343
+  _globals['_TRACESTAGE']._serialized_end=1455
+  _globals['_TRACESTEPRESPONSE']._serialized_start=1457
+  _globals['_TRACESTEPRESPONSE']._serialized_end=1538
+  _globals['_RUNNERSERVICE']._serialized_start=1541
+  _globals['_RUNNERSERVICE']._serialized_end=1796
 # @@protoc_insertion_point(module_scope)

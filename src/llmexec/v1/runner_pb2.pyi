@@ -67,7 +67,7 @@ class SequenceInput(_message.Message):
     def __init__(self, query_len: _Optional[int] = ..., seq_len: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., needs_sample: _Optional[bool] = ..., sampling_params: _Optional[_Union[_sampling_pb2.SamplingParams, _Mapping]] = ..., output_index: _Optional[int] = ..., seq_id: _Optional[str] = ..., context_token_ids: _Optional[_Iterable[int]] = ..., block_table_id: _Optional[str] = ..., appended_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExecuteStepRequest(_message.Message):
-    __slots__ = ("input_ids", "positions", "slot_mapping", "sequences", "finished_seq_ids", "eos_token_ids", "runner_instance_id")
+    __slots__ = ("input_ids", "positions", "slot_mapping", "sequences", "finished_seq_ids", "eos_token_ids", "runner_instance_id", "step_id", "continues_step_id")
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     SLOT_MAPPING_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,8 @@ class ExecuteStepRequest(_message.Message):
     FINISHED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     RUNNER_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTINUES_STEP_ID_FIELD_NUMBER: _ClassVar[int]
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     positions: _containers.RepeatedScalarFieldContainer[int]
     slot_mapping: _containers.RepeatedScalarFieldContainer[int]
@@ -82,7 +84,9 @@ class ExecuteStepRequest(_message.Message):
     finished_seq_ids: _containers.RepeatedScalarFieldContainer[str]
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     runner_instance_id: str
-    def __init__(self, input_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., sequences: _Optional[_Iterable[_Union[SequenceInput, _Mapping]]] = ..., finished_seq_ids: _Optional[_Iterable[str]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., runner_instance_id: _Optional[str] = ...) -> None: ...
+    step_id: int
+    continues_step_id: int
+    def __init__(self, input_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., sequences: _Optional[_Iterable[_Union[SequenceInput, _Mapping]]] = ..., finished_seq_ids: _Optional[_Iterable[str]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., runner_instance_id: _Optional[str] = ..., step_id: _Optional[int] = ..., continues_step_id: _Optional[int] = ...) -> None: ...
 
 class ExecuteStepResponse(_message.Message):
     __slots__ = ("sampled_token_ids", "execute_seconds", "logprobs")
