@@ -255,6 +255,7 @@ def main() -> int:
                         "message per request, as an offline run; 1 streams every token)")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--skip-disk", action="store_true")
+    p.add_argument("--skip-sync", action="store_true", help="skip the decode runs with async scheduling off")
     p.add_argument("--work-dir", default="", help="where service logs go (default: a new temporary folder)")
     p.add_argument("--transformers-only", default="", help=argparse.SUPPRESS)  # internal: the baseline process
     args = p.parse_args()
@@ -355,6 +356,25 @@ def main() -> int:
         log(f"throughput: {results['throughput']}")
         save()
 
+        if not args.skip_sync:
+            # The same decode measurements with async scheduling off: the in-run baseline for it.
+            log("batch-1 and batch-N decode with --no-async-scheduling")
+            services.stop("scheduler")
+            sync_scheduler = services.scheduler([runner], loader, "--no-prefix-caching", "--no-async-scheduling",
+                                                "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens",
+                                                str(args.max_num_batched_tokens), name="scheduler-sync")
+            per_token = []
+            for repeat in range(3):
+                _, times = asyncio.run(run_requests(sync_scheduler, [prompt_of(repeat, args.decode_input, vocab)],
+                                                    args.decode_output))
+                per_token.append((times[0][-1] - times[0][0]) / (len(times[0]) - 1))
+            prompts = [prompt_of(1000 + i, args.decode_input, vocab) for i in range(args.max_num_seqs)]
+            _, times = asyncio.run(run_requests(sync_scheduler, prompts, args.decode_output))
+            results["sync_scheduling"] = {"batch1_ms_per_token": 1000 * statistics.median(per_token),
+                                          f"batch{args.max_num_seqs}_step_ms": 1000 * decode_step_seconds(times)}
+            log(f"sync scheduling: {results['sync_scheduling']}")
+            save()
+
         if on_gpu:
             gpu = results["gpu_step_ms"]
             results["non_gpu_ms_per_step"] = {
@@ -409,6 +429,10 @@ def print_table(results: dict, args) -> None:
         rows.append((f"GPU ms per decode step, batch {batch}", value, None, "graph replay alone"))
     for batch, value in results.get("non_gpu_ms_per_step", {}).items():
         rows.append((f"non-GPU ms per step, batch {batch}", value, None, "full path - GPU"))
+    batch_key = f"batch{args.max_num_seqs}_step_ms"
+    rows.append((f"decode step ms, batch {args.max_num_seqs} (full path)", results.get(batch_key), None, ""))
+    for name, value in results.get("sync_scheduling", {}).items():
+        rows.append((f"  same, async scheduling off: {name}", value, None, "baseline for async scheduling"))
     print(f"\n{'metric':<52} {'llmexec':>10} {'transformers':>13}  note")
     for name, ours, theirs, note in rows:
         fmt = lambda v: f"{v:10.2f}" if isinstance(v, (int, float)) else f"{'-':>10}"
