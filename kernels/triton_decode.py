@@ -89,7 +89,8 @@ def choose_num_splits(
     return cdiv(max_tiles * config.block_n, partition_size), partition_size
 
 
-@triton.jit
+# Ints that change from step to step are not specialized on (see triton_prefill).
+@triton.jit(do_not_specialize=["sliding_window", "partition_size", "num_splits", "stride_block_table"])
 def _decode_partition_kernel(
     q_ptr,
     k_cache_ptr,
@@ -280,7 +281,7 @@ def _store_group_output(
     tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["partition_size", "num_splits"])
 def _decode_merge_kernel(
     out_ptr,
     part_acc_ptr,

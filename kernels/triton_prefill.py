@@ -43,7 +43,9 @@ def default_prefill_config(device: torch.device, head_dim: int, group: int) -> P
     return PrefillConfig(block_m=max(128, next_power_of_2(group)))
 
 
-@triton.jit
+# Ints that change from step to step are not specialized on (divisible by 16, equal to 1):
+# each new combination would compile the kernel again in the middle of serving.
+@triton.jit(do_not_specialize=["sliding_window", "num_query_tiles", "stride_block_table"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,

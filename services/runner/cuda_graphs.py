@@ -23,6 +23,7 @@ import time
 import torch
 
 from llmexec.models.attention import AttentionMetadata
+from llmexec.runner.device_lists import to_device
 from llmexec.runner.sampled_tokens import CarriedTokens
 from llmexec.step import StepInput
 
@@ -125,7 +126,11 @@ class DecodeGraphs:
             self._copied = torch.cuda.Event()
             self._copied.record()
         if carried is not None:  # decode: row i of the inputs is sequence i
-            self.buffer[torch.tensor(carried.rows, device=self.device)] = carried.values.to(torch.int32)
+            num_carried = len(carried.rows)
+            if carried.rows == list(range(num_carried)):
+                self.buffer[:num_carried].copy_(carried.values)
+            else:
+                self.buffer[to_device(carried.rows, self.device)] = carried.values.to(torch.int32)
         if size in self.graphs:
             self.graphs[size].replay()
             return self.logits[size][:num_seqs]

@@ -23,6 +23,7 @@ from llmexec.models.registry import architecture_of, model_class_for
 from llmexec.models.tensor_parallel import plan_for, rank_config
 from llmexec.quantization.linear_swap import swap_quantized_linears
 from llmexec.runner.cuda_graphs import DecodeGraphs
+from llmexec.runner.device_lists import to_device
 from llmexec.runner.gpu_memory import kv_cache_blocks, profile_activation_bytes
 from llmexec.runner.sampled_tokens import CarriedTokens
 from llmexec.runner.sampler import sample_on_device, token_logprobs
@@ -174,11 +175,11 @@ class ModelRunner:
             if all(s.needs_sample for s in step.sequences):
                 return logits
             rows = [i for i, s in enumerate(step.sequences) if s.needs_sample]
-            return logits[torch.tensor(rows, dtype=torch.int64, device=self.device)]
+            return logits[to_device(rows, self.device)]
         with torch.inference_mode():
             input_ids = torch.tensor(step.input_ids, dtype=torch.int64, device=self.device)
             if carried is not None:
-                input_ids[torch.tensor(carried.rows, device=self.device)] = carried.values
+                input_ids[to_device(carried.rows, self.device)] = carried.values
             positions = torch.tensor(step.positions, dtype=torch.int64, device=self.device)
             attn_metadata = AttentionMetadata.build(step, self.block_size, self.device)
             hidden = self.model(input_ids, positions, attn_metadata, self.kv_caches)

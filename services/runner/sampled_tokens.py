@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from llmexec.errors import FailedPreconditionError, InvalidArgumentError
+from llmexec.runner.device_lists import to_device
 from llmexec.step import PREVIOUS_TOKEN, StepInput
 
 
@@ -74,5 +75,6 @@ class SampledTokens:
             step.input_ids[first] = 0
             rows.append(first)
             sources.append(source)
-        index = torch.tensor(sources, dtype=torch.int64).to(self._tokens.device, non_blocking=True)
-        return CarriedTokens(rows, self._tokens.index_select(0, index))
+        if sources == list(range(len(sources))):  # the usual case: every sequence continues, in order
+            return CarriedTokens(rows, self._tokens[: len(sources)])
+        return CarriedTokens(rows, self._tokens.index_select(0, to_device(sources, self._tokens.device)))

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from llmexec.errors import InvalidArgumentError
+from llmexec.runner.device_lists import to_device
 from llmexec.runner.logits_processing import apply_penalties, mask_min_tokens
 from llmexec.sampling_params import SamplingParams
 from llmexec.step import TokenLogprobs
@@ -63,7 +64,7 @@ def sample_on_device(
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
-        rows = torch.tensor(random_rows, device=logits.device)
+        rows = to_device(random_rows, logits.device)
         tokens[rows] = _sample_random(
             logits[rows], [params[i] for i in random_rows], [output_indices[i] for i in random_rows]
         )
@@ -97,7 +98,7 @@ def token_logprobs(logits: torch.Tensor, token_ids: list[int], params: list[Samp
 
 
 def _sample_random(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int]) -> torch.Tensor:
-    temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    temperatures = to_device([p.temperature for p in params], logits.device, logits.dtype)
     logits = logits / temperatures[:, None]
     if any(p.min_p > 0.0 for p in params):
         logits = _mask_min_p(logits, [p.min_p for p in params])
@@ -116,7 +117,7 @@ def _sample_random(logits: torch.Tensor, params: list[SamplingParams], output_in
 def _mask_min_p(logits: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
     """Set to -inf every logit whose probability is below min_p x the row's highest."""
     probs = torch.softmax(logits, dim=-1)
-    min_p = torch.tensor(min_ps, dtype=logits.dtype, device=logits.device)
+    min_p = to_device(min_ps, logits.device, logits.dtype)
     threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
     return logits.masked_fill(probs < threshold, float("-inf"))
 
@@ -126,10 +127,10 @@ def _mask_top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[floa
     vocab_size = logits.shape[1]
     sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True, stable=True)
     rank = torch.arange(vocab_size, device=logits.device)
-    top_k = torch.tensor([k if 0 < k < vocab_size else vocab_size for k in top_ks], device=logits.device)
+    top_k = to_device([k if 0 < k < vocab_size else vocab_size for k in top_ks], logits.device)
     sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
 
-    top_p = torch.tensor(top_ps, dtype=logits.dtype, device=logits.device)
+    top_p = to_device(top_ps, logits.device, logits.dtype)
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     # Keep a token while the tokens ranked above it hold less than top_p; the first always stays.
