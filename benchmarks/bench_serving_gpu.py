@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -256,6 +257,8 @@ def main() -> int:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--skip-disk", action="store_true")
     p.add_argument("--skip-sync", action="store_true", help="skip the decode runs with async scheduling off")
+    p.add_argument("--profile-dir", default="", help="py-spy the scheduler and runner through the batch-N and "
+                                                     "throughput runs; raw stacks go here")
     p.add_argument("--work-dir", default="", help="where service logs go (default: a new temporary folder)")
     p.add_argument("--transformers-only", default="", help=argparse.SUPPRESS)  # internal: the baseline process
     args = p.parse_args()
@@ -338,6 +341,12 @@ def main() -> int:
         log(f"batch-1: {results['batch1_ms_per_token']:.2f} ms/token")
         save()
 
+        profilers = [] if not args.profile_dir else [
+            subprocess.Popen(["py-spy", "record", "--nonblocking", "-r", "250", "-f", "raw", "-p",
+                              str(services.procs[name].pid), "-o", f"{args.profile_dir}/{name}.txt"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            for name in ("scheduler", "runner")
+        ]
         log(f"decode step at batch {args.max_num_seqs}")
         prompts = [prompt_of(1000 + i, args.decode_input, vocab) for i in range(args.max_num_seqs)]
         _, times = asyncio.run(run_requests(scheduler, prompts, args.decode_output))
@@ -355,6 +364,9 @@ def main() -> int:
                                  "stream_interval": interval}
         log(f"throughput: {results['throughput']}")
         save()
+        for profiler in profilers:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(timeout=60)
 
         if not args.skip_sync:
             # The same decode measurements with async scheduling off: the in-run baseline for it.
