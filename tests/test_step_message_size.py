@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmexec.errors import FailedPreconditionError
+from llmexec.errors import FailedPreconditionError, InvalidArgumentError
 from llmexec.rpc.codec import step_from_pb, step_to_pb
 from llmexec.runner.block_tables import BlockTables
 from llmexec.sampling_params import SamplingParams
@@ -30,6 +30,7 @@ def run_steps(scheduler: Scheduler, tables: BlockTables, num_steps: int) -> list
         tables.resolve(received)
         for seq, seq_input in zip(step.sequences, received.sequences):
             assert seq_input.block_table == seq.block_table and seq_input.appended_blocks is None
+            assert seq_input.sampling_params == seq.sampling_params  # sent once, kept with the table
         scheduler.update(step, [7 + n] * sum(s.needs_sample for s in step.step_input.sequences))
         sent.append((len(wire), pb))
     return sent
@@ -48,6 +49,7 @@ def test_steady_decode_steps_do_not_resend_block_tables():
     decode = [pb for _, pb in sent[1:]]
     for pb in decode:
         assert all(len(s.block_table) == 0 and s.block_table_id for s in pb.sequences)
+        assert not any(s.HasField("sampling_params") for s in pb.sequences)
         assert all(len(s.appended_blocks) <= 1 for s in pb.sequences)  # one new block at most, at a boundary
     # Blocks appended over the decode steps are exactly what the scheduler added.
     assert [b for pb in decode for b in pb.sequences[0].appended_blocks] == short.block_table[1:]
@@ -77,3 +79,12 @@ def test_preempted_or_forgotten_sequences_get_their_whole_table_again():
     step = scheduler.schedule()
     with pytest.raises(FailedPreconditionError, match="block table of sequence a"):
         BlockTables().resolve(step_from_pb(step_to_pb(step.step_input)))
+
+
+def test_a_whole_table_needs_its_sampling_params():
+    scheduler = Scheduler(BlockManager(64, BLOCK_SIZE), max_model_len=256, eos_token_ids=set())
+    scheduler.add(Sequence("a", [5] * 6, sampling_params=SamplingParams(max_tokens=32, ignore_eos=True)))
+    received = step_from_pb(step_to_pb(scheduler.schedule().step_input))
+    received.sequences[0].sampling_params = None
+    with pytest.raises(InvalidArgumentError, match="sampling_params is required"):
+        BlockTables().resolve(received)

@@ -321,6 +321,7 @@ class Engine:
                 self.metrics.e2e.observe(now - seq.arrival_time)
                 self.metrics.request_success.labels(self.metrics.model_name, seq.finish_reason).inc()
             chunks.append((stream, chunk))
+        self.metrics.generation_tokens.inc(len(chunks))
         return chunks
 
     def _deliver(self, chunks: list[tuple[RequestStream, StreamChunk]]) -> None:
@@ -385,7 +386,6 @@ class Engine:
             stream.publish(error)
 
     def _observe_token(self, completion: Completion, now: float) -> None:
-        self.metrics.generation_tokens.inc()
         if completion.last_token_time is not None:
             self.metrics.itl.observe(now - completion.last_token_time)
         elif completion.seq.num_output_tokens == 1:  # not a sequence recovered mid-generation

@@ -37,11 +37,20 @@ class StreamChunk:
     def followed_by(self, later: "StreamChunk") -> "StreamChunk":
         """One chunk holding this one and a later one of the same completion (a new
         object: a chunk may sit on several subscribers' queues)."""
-        last = later if later.finish_reason is not None else self
-        return replace(later, token_ids=self.token_ids + later.token_ids, text=self.text + later.text,
-                       logprobs=self.logprobs + later.logprobs, finish_reason=last.finish_reason,
-                       prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-                       cached_prompt_tokens=last.cached_prompt_tokens)
+        merged = replace(self, token_ids=list(self.token_ids), logprobs=list(self.logprobs))
+        merged.absorb(later)
+        return merged
+
+    def absorb(self, later: "StreamChunk") -> None:
+        """Append a later chunk of the same completion in place (only for a chunk no
+        subscriber holds yet); its finish fields, if any, win."""
+        self.token_ids.extend(later.token_ids)
+        self.text += later.text
+        self.logprobs.extend(later.logprobs)
+        if later.finish_reason is not None:
+            self.finish_reason = later.finish_reason
+            self.prompt_tokens, self.completion_tokens = later.prompt_tokens, later.completion_tokens
+            self.cached_prompt_tokens = later.cached_prompt_tokens
 
 
 @dataclass(eq=False)
@@ -56,8 +65,9 @@ class Completion:
     def release(self, chunk: StreamChunk, stream_interval: int) -> StreamChunk | None:
         """The chunk to hand to the subscribers now: this one merged into what was held,
         once stream_interval tokens have gathered or the completion finished; else None."""
-        if self.held is not None:
-            chunk, self.held = self.held.followed_by(chunk), None
+        if self.held is not None:  # made by the engine for this completion alone: merged in place
+            self.held.absorb(chunk)
+            chunk, self.held = self.held, None
         if len(chunk.token_ids) < stream_interval and chunk.finish_reason is None:
             self.held = chunk
             return None

@@ -43,7 +43,8 @@ class SequenceInput:
     # Physical block ids in logical order, covering seq_len tokens; [] when appended_blocks is set.
     block_table: list[int]
     needs_sample: bool  # sample a token from this sequence's last row
-    sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    # None only on the runner, between decoding a step that extends a kept table and BlockTables.resolve.
+    sampling_params: SamplingParams | None = field(default_factory=SamplingParams)
     output_index: int = 0  # tokens generated before this step (keys the seeded draw)
     seq_id: str = ""  # keys the runner's token history; set when sampling needs the history
     # The tokens at positions [0, seq_len - query_len), sent when the runner may not hold them.

@@ -105,7 +105,8 @@ def step_to_pb(step: StepInput) -> runner_pb2.ExecuteStepRequest:
                 seq_len=s.seq_len,
                 block_table=s.block_table,
                 needs_sample=s.needs_sample,
-                sampling_params=sampling(s.sampling_params),
+                # A runner extending a table it holds keeps the params it got with the whole table.
+                sampling_params=sampling(s.sampling_params) if s.appended_blocks is None else None,
                 output_index=s.output_index,
                 seq_id=s.seq_id,
                 context_token_ids=s.context_token_ids or (),
@@ -143,7 +144,8 @@ def step_from_pb(pb: runner_pb2.ExecuteStepRequest) -> StepInput:
                 seq_len=s.seq_len,
                 block_table=list(s.block_table),
                 needs_sample=s.needs_sample,
-                sampling_params=sampling(s.sampling_params),
+                # None: the runner's BlockTables fills in the params it keeps for block_table_id.
+                sampling_params=sampling(s.sampling_params) if s.HasField("sampling_params") else None,
                 output_index=s.output_index,
                 seq_id=s.seq_id,
                 # An empty context is the same as none: both mean "nothing before the query".
