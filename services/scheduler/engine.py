@@ -255,6 +255,7 @@ class Engine:
                     in_flight.append(self._send(replica, ahead))
                     self.metrics.steps_ahead.inc()
             if pending is not None:
+                await asyncio.sleep(0)  # the steps just sent leave before the publishing below
                 # A stop string found here finishes a sequence a step in flight computes;
                 # update() skips it, and its blocks are reused only by steps sent later.
                 await self._publish(replica, *pending)
@@ -276,7 +277,7 @@ class Engine:
 
     def _send(self, replica: Replica, step: ScheduledStep) -> tuple[ScheduledStep, asyncio.Future, float]:
         step.step_input.runner_instance_id = replica.instance_id
-        return step, asyncio.ensure_future(replica.client.execute(step.step_input)), time.perf_counter()
+        return step, replica.client.send(step.step_input), time.perf_counter()
 
     @staticmethod
     async def _settle(in_flight: deque) -> None:
@@ -344,7 +345,10 @@ class Engine:
         while True:
             started = time.perf_counter()
             try:
-                self.store.save_step(seqs)
+                # In a thread: the event loop meanwhile takes the runner's replies and sends
+                # requests. Nothing changes these sequences until this returns, but an abort
+                # (SequenceStore serializes its writes).
+                await asyncio.to_thread(self.store.save_step, seqs)
                 self.metrics.store_seconds.observe(time.perf_counter() - started)
                 return
             except redis.RedisError as exc:

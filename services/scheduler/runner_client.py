@@ -9,6 +9,7 @@ runner refuses as invalid) propagate as they are.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import grpc
@@ -42,8 +43,18 @@ class RunnerClient:
         return await self._stub.GetRunnerInfo(runner_pb2.GetRunnerInfoRequest(), timeout=timeout)
 
     async def execute(self, step: StepInput) -> StepOutput:
+        return await self.send(step)
+
+    def send(self, step: StepInput) -> asyncio.Future:
+        """Start the step's call now (serialized here, on the caller's time) and return the
+        future of its StepOutput: the request leaves as soon as the event loop next runs, even
+        if the caller then does synchronous work before awaiting it."""
+        call = self._stub.ExecuteStep(step_to_pb(step), timeout=STEP_TIMEOUT_S)
+        return asyncio.ensure_future(self._reply(call, step))
+
+    async def _reply(self, call, step: StepInput) -> StepOutput:
         try:
-            reply = await self._stub.ExecuteStep(step_to_pb(step), timeout=STEP_TIMEOUT_S)
+            reply = await call
         except grpc.aio.AioRpcError as exc:
             if exc.code() in LOST_CODES:
                 raise RunnerLost(f"runner {self.address}: {exc.code().name}: {exc.details()}") from exc

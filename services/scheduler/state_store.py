@@ -41,6 +41,7 @@ Redis with appendonly (the stack's), it survives Redis restarts too.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable
 
 from llmexec.scheduler.sequence import Sequence, completion_id
@@ -64,6 +65,9 @@ class SequenceStore:
         # step rewrites them only when they changed.
         self._num_saved_outputs: dict[str, int] = {}
         self._saved_state: dict[str, tuple] = {}
+        # save_step runs in a worker thread for the step loop and on the event loop for aborts
+        # and new requests: one at a time, so a sequence's new tokens are pushed once.
+        self._write_lock = threading.Lock()
 
     def seq_key(self, request_id: str) -> str:
         return f"{self.prefix}:seq:{request_id}"
@@ -89,6 +93,10 @@ class SequenceStore:
         seqs = list({seq.request_id: seq for seq in seqs}.values())  # each pushed once
         if not seqs:
             return
+        with self._write_lock:
+            self._save_step(seqs)
+
+    def _save_step(self, seqs: list[Sequence]) -> None:
         pipe = self.redis.pipeline(transaction=True)
         for seq in seqs:
             num_saved = self._num_saved_outputs.get(seq.request_id)
