@@ -133,7 +133,8 @@ def test_decode_split_rule_fills_one_wave():
     assert triton_decode.choose_num_splits(config, 256, 8, 4096, sms)[0] == 1
     # One sequence: 49 splits fill the wave; a short context stops at min_partition keys a split.
     assert triton_decode.choose_num_splits(config, 1, 8, 32768, sms)[0] == 49
-    assert triton_decode.choose_num_splits(config, 1, 8, 512, sms) == (2, 256)
+    assert triton_decode.choose_num_splits(config, 1, 8, 512, sms) == (8, 64)
+    assert triton_decode.choose_num_splits(config, 1, 8, 193, sms) == (3, 96)
     # Every split holds keys and the partitions cover the context, also for odd lengths.
     for seqs, heads, seq_len in [(3, 2, 1000), (1, 1, 33), (40, 4, 70001)]:
         splits, partition = triton_decode.choose_num_splits(config, seqs, heads, seq_len, sms)
