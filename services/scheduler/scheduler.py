@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from llmexec.errors import InvalidArgumentError, ResourceExhaustedError
 from llmexec.scheduler.block_manager import BlockManager
 from llmexec.scheduler.sequence import FINISHED_STATUS, Sequence, SequenceStatus
-from llmexec.step import PREVIOUS_TOKEN, SequenceInput, StepInput, StepOutput
+from llmexec.scheduler.step_inputs import Rows, ahead_rows, scheduled_rows
+from llmexec.step import StepInput, StepOutput
 
 
 @dataclass
@@ -239,7 +240,8 @@ class Scheduler:
         if not scheduled:
             return None
         return ScheduledStep(
-            step_input=self._build_step_input(scheduled), sequences=list(scheduled), preempted=preempted
+            step_input=self._step_input(scheduled_rows(scheduled, self.block_manager.block_size)),
+            sequences=list(scheduled), preempted=preempted,
         )
 
     def schedule_ahead(self, running: ScheduledStep) -> ScheduledStep | None:
@@ -269,7 +271,7 @@ class Scheduler:
         for seq, position in ahead.items():
             allocated = self.block_manager.allocate_slots(seq, position + 1 - seq.num_computed_tokens)
             assert allocated, "counted free blocks above"
-        step_input = self._build_ahead_input(ahead)
+        step_input = self._step_input(ahead_rows(ahead, self.block_manager.block_size))
         step_input.continues_step_id = running.step_input.step_id
         return ScheduledStep(step_input=step_input, sequences=list(ahead))
 
@@ -313,61 +315,8 @@ class Scheduler:
             touched.append(seq)
         return touched
 
-    def _build_step_input(self, scheduled: dict[Sequence, int]) -> StepInput:
-        block_size = self.block_manager.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        sequences: list[SequenceInput] = []
-        for seq, num_new in scheduled.items():
-            start = seq.num_computed_tokens
-            end = start + num_new
-            table = seq.block_table
-            input_ids.extend(seq.token_ids_slice(start, end))
-            positions.extend(range(start, end))
-            slot_mapping.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
-            known = seq.runner_num_blocks  # the runner extends the table it holds: O(1) a decode step
-            seq_input = SequenceInput(
-                query_len=num_new,
-                seq_len=end,
-                block_table=[] if known else list(table),
-                needs_sample=end == seq.num_tokens,
-                sampling_params=seq.sampling_params,
-                output_index=seq.num_output_tokens,
-                block_table_id=seq.request_id,
-                appended_blocks=table[known:] if known else None,
-            )
-            seq.runner_num_blocks = len(table)
-            if seq.sampling_params.needs_token_history:
-                seq_input.seq_id = seq.request_id
-                if not seq.runner_has_history:
-                    seq_input.context_token_ids = seq.token_ids_slice(0, start)
-                    seq.runner_has_history = True
-            sequences.append(seq_input)
-        return self._step_input(input_ids, positions, slot_mapping, sequences)
-
-    def _build_ahead_input(self, ahead: dict[Sequence, int]) -> StepInput:
-        """One PREVIOUS_TOKEN per sequence, at the position after the running step's."""
-        block_size = self.block_manager.block_size
-        slots, sequences = [], []
-        for seq, position in ahead.items():
-            table = seq.block_table
-            slots.append(table[position // block_size] * block_size + position % block_size)
-            known = seq.runner_num_blocks
-            sequences.append(SequenceInput(
-                query_len=1,
-                seq_len=position + 1,
-                block_table=[] if known else list(table),
-                needs_sample=True,
-                sampling_params=seq.sampling_params,
-                output_index=seq.num_output_tokens + 1,  # the running step's token comes first
-                block_table_id=seq.request_id,
-                appended_blocks=table[known:] if known else None,
-            ))
-            seq.runner_num_blocks = len(table)
-        return self._step_input([PREVIOUS_TOKEN] * len(ahead), list(ahead.values()), slots, sequences)
-
-    def _step_input(self, input_ids, positions, slot_mapping, sequences) -> StepInput:
+    def _step_input(self, rows: Rows) -> StepInput:
+        input_ids, positions, slot_mapping, sequences = rows
         forget, self._runner_forget = self._runner_forget, []
         return StepInput(
             input_ids=input_ids,
