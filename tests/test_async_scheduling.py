@@ -214,6 +214,13 @@ def test_runner_refuses_a_placeholder_it_cannot_fill():
     with pytest.raises(InvalidArgumentError, match="token history"):
         servicer._launch(runner, _with_history(step(step_id=7, continues=6)))
     assert servicer.sampled_tokens.step_id == 7 and servicer.sampled_tokens._tokens is None
+    prompt = Sequence([5, 6, 7], shuffled_blocks(2), 16, params)
+    servicer._launch(runner, numbered(make_step([prompt.chunk()]), 8, seq_id="p")).result()
+    prompt.token_ids += [9, 9]
+    two = numbered(make_step([prompt.chunk()]), 9, seq_id="p", continues=8)
+    two.input_ids = [PREVIOUS_TOKEN, 4]  # a placeholder that is not the sequence's only query token
+    with pytest.raises(InvalidArgumentError, match="one query token"):
+        servicer._launch(runner, two)
 
 
 def _with_history(step: StepInput) -> StepInput:

@@ -22,8 +22,8 @@ import time
 
 import torch
 
+from llmexec.host_to_device import to_device
 from llmexec.models.attention import AttentionMetadata
-from llmexec.runner.device_lists import to_device
 from llmexec.runner.sampled_tokens import CarriedTokens
 from llmexec.step import StepInput
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from llmexec.errors import InvalidArgumentError
+from llmexec.host_to_device import to_device
 from llmexec.kernels.backend import uses_triton_on
 from llmexec.models.attention import AttentionMetadata
 from llmexec.models.config_keys import standard_config
@@ -23,7 +24,6 @@ from llmexec.models.registry import architecture_of, model_class_for
 from llmexec.models.tensor_parallel import plan_for, rank_config
 from llmexec.quantization.linear_swap import swap_quantized_linears
 from llmexec.runner.cuda_graphs import DecodeGraphs
-from llmexec.runner.device_lists import to_device
 from llmexec.runner.gpu_memory import kv_cache_blocks, profile_activation_bytes
 from llmexec.runner.sampled_tokens import CarriedTokens
 from llmexec.runner.sampler import sample_on_device, token_logprobs
@@ -177,10 +177,10 @@ class ModelRunner:
             rows = [i for i, s in enumerate(step.sequences) if s.needs_sample]
             return logits[to_device(rows, self.device)]
         with torch.inference_mode():
-            input_ids = torch.tensor(step.input_ids, dtype=torch.int64, device=self.device)
+            input_ids = to_device(step.input_ids, self.device)
             if carried is not None:
                 input_ids[to_device(carried.rows, self.device)] = carried.values
-            positions = torch.tensor(step.positions, dtype=torch.int64, device=self.device)
+            positions = to_device(step.positions, self.device)
             attn_metadata = AttentionMetadata.build(step, self.block_size, self.device)
             hidden = self.model(input_ids, positions, attn_metadata, self.kv_caches)
             last_rows, row = [], 0
@@ -188,7 +188,7 @@ class ModelRunner:
                 row += seq.query_len
                 if seq.needs_sample:
                     last_rows.append(row - 1)
-            return self.model.compute_logits(hidden[torch.tensor(last_rows, dtype=torch.int64, device=self.device)])
+            return self.model.compute_logits(hidden[to_device(last_rows, self.device)])
 
     def validate(self, step: StepInput) -> None:
         """Cheap consistency checks; raises InvalidArgumentError naming the first problem."""

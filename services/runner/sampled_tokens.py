@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from llmexec.errors import FailedPreconditionError, InvalidArgumentError
-from llmexec.runner.device_lists import to_device
+from llmexec.host_to_device import to_device
 from llmexec.step import PREVIOUS_TOKEN, StepInput
 
 
@@ -56,10 +56,11 @@ class SampledTokens:
                 f"step {step.step_id} continues step {step.continues_step_id}, but the last step started on this "
                 f"runner is {self.step_id}: its tokens are not here; recompute"
             )
+        num_placeholders = step.input_ids.count(PREVIOUS_TOKEN)
         rows, sources, row = [], [], 0
         for i, seq in enumerate(step.sequences):
-            first, row = row, row + seq.query_len
-            if PREVIOUS_TOKEN not in step.input_ids[first:row]:
+            row += seq.query_len
+            if step.input_ids[row - 1] != PREVIOUS_TOKEN:
                 continue
             if seq.query_len != 1 or seq.seq_id:
                 raise InvalidArgumentError(
@@ -72,9 +73,12 @@ class SampledTokens:
                     f"sequence {i} ({seq.block_table_id!r}) continues step {self.step_id}, which sampled no token "
                     "for it here; recompute"
                 )
-            step.input_ids[first] = 0
-            rows.append(first)
+            rows.append(row - 1)
             sources.append(source)
+        if len(rows) != num_placeholders:
+            raise InvalidArgumentError(f"a {PREVIOUS_TOKEN} token may only be a sequence's one query token")
+        for placeholder in rows:
+            step.input_ids[placeholder] = 0
         if sources == list(range(len(sources))):  # the usual case: every sequence continues, in order
             return CarriedTokens(rows, self._tokens[: len(sources)])
         return CarriedTokens(rows, self._tokens.index_select(0, to_device(sources, self._tokens.device)))

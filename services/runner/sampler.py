@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from llmexec.errors import InvalidArgumentError
-from llmexec.runner.device_lists import to_device
+from llmexec.host_to_device import to_device
 from llmexec.runner.logits_processing import apply_penalties, mask_min_tokens
 from llmexec.sampling_params import SamplingParams
 from llmexec.step import TokenLogprobs

@@ -13,6 +13,7 @@ from itertools import accumulate
 import torch
 from torch import nn
 
+from llmexec.host_to_device import tensor_to_device, to_device
 from llmexec.kernels.backend import paged_attention, reshape_and_cache, uses_triton_on
 from llmexec.step import StepInput
 
@@ -83,18 +84,19 @@ class AttentionMetadata:
                 PrefillSpan(query_start_loc[i], query_start_loc[i + 1], seq_len, block_ids, attn_mask)
             )
 
+        # Through pinned memory on CUDA: a pageable copy would wait for the step still running.
         return cls(
-            slot_mapping=torch.tensor(step.slot_mapping, dtype=torch.int64, device=device),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int64, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=block_tables.to(device),
+            slot_mapping=to_device(step.slot_mapping, device),
+            query_start_loc=to_device(query_start_loc, device),
+            seq_lens=to_device(seq_lens, device, torch.int32),
+            block_tables=tensor_to_device(block_tables, device),
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             block_size=block_size,
-            decode_query_rows=torch.tensor([query_start_loc[i] for i in decodes], dtype=torch.int64, device=device),
-            decode_seq_lens=decode_seq_lens.to(device),
-            decode_block_tables=block_tables[decodes, :decode_blocks].to(device, torch.int64),
-            decode_key_mask=decode_key_mask.view(len(decodes), 1, 1, decode_key_mask.shape[-1]).to(device),
+            decode_query_rows=to_device([query_start_loc[i] for i in decodes], device),
+            decode_seq_lens=tensor_to_device(decode_seq_lens, device),
+            decode_block_tables=tensor_to_device(block_tables[decodes, :decode_blocks], device, torch.int64),
+            decode_key_mask=tensor_to_device(decode_key_mask.view(len(decodes), 1, 1, decode_key_mask.shape[-1]), device),
             prefill_spans=prefill_spans,
         )
 
