@@ -250,22 +250,21 @@ class Scheduler:
         is not that simple (see the module's docstring)."""
         if self.waiting and len(self.running) < self.max_num_seqs:
             return None  # a prompt can be admitted: schedule() does it
-        inputs = running.step_input.sequences
-        continuing = [seq for seq, inp in zip(running.sequences, inputs) if inp.needs_sample and not seq.is_finished]
-        if len(continuing) != len(self.running):
-            return None  # a sequence mid-prompt, or one that did not run
         ahead: dict[Sequence, int] = {}  # sequence -> its position in the ahead step
-        num_new_blocks = 0
-        for seq, inp in zip(running.sequences, inputs):
+        num_continuing = num_new_blocks = 0
+        for seq, inp in zip(running.sequences, running.step_input.sequences):
             if not inp.needs_sample or seq.is_finished:
                 continue
-            if seq.sampling_params.needs_token_history:
-                return None
+            num_continuing += 1
             params = seq.sampling_params
+            if params.needs_token_history:
+                return None
             if seq.num_output_tokens + 1 >= params.max_tokens or inp.seq_len + 1 >= self.max_model_len:
                 continue  # the running step gives its last token
             ahead[seq] = inp.seq_len
             num_new_blocks += max(0, self.block_manager.num_blocks_for(inp.seq_len + 1) - len(seq.block_table))
+        if num_continuing != len(self.running):
+            return None  # a sequence mid-prompt, or one that did not run
         if not ahead or num_new_blocks > self.block_manager.num_free_blocks:
             return None
         for seq, position in ahead.items():
