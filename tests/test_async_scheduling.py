@@ -227,3 +227,20 @@ def _with_history(step: StepInput) -> StepInput:
     step.sequences[0].seq_id = "s"
     step.sequences[0].sampling_params = SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.3)
     return step
+
+
+def test_a_step_waiting_for_the_one_it_continues_gives_up_when_the_runner_detaches():
+    import asyncio
+    import time
+
+    async def run():
+        servicer = servicer_for(tiny_runner())
+        started = time.perf_counter()
+        waiting = asyncio.ensure_future(servicer._wait_for_step(5))  # step 5 never arrives
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await servicer.detach()
+        await asyncio.wait_for(waiting, 2)
+        return time.perf_counter() - started
+
+    assert asyncio.run(run()) < 2  # not the 10 s the wait allows

@@ -185,6 +185,8 @@ class RunnerServicer(runner_pb2_grpc.RunnerServiceServicer):
             self.token_histories = TokenHistories()
             self.block_tables = BlockTables()
             self.sampled_tokens = SampledTokens()
+            async with self._step_started:  # a step waiting for one it continues gives up now
+                self._step_started.notify_all()
             on_cuda = runner is not None and runner.device.type == "cuda"
             del runner
             gc.collect()
@@ -238,11 +240,16 @@ class RunnerServicer(runner_pb2_grpc.RunnerServiceServicer):
         return step_output_to_pb(output, time.perf_counter() - started)
 
     async def _wait_for_step(self, step_id: int) -> None:
-        """A step planned while step_id ran arrives on its own call, maybe first: let step_id start."""
+        """A step planned while step_id ran arrives on its own call, maybe first: let step_id start
+        (or the runner detach, which drops what step_id sampled)."""
+        sampled_tokens = self.sampled_tokens
         async with self._step_started:
             try:
                 await asyncio.wait_for(
-                    self._step_started.wait_for(lambda: self.sampled_tokens.step_id == step_id), CONTINUED_STEP_WAIT_S
+                    self._step_started.wait_for(
+                        lambda: sampled_tokens.step_id == step_id or self.sampled_tokens is not sampled_tokens
+                    ),
+                    CONTINUED_STEP_WAIT_S,
                 )
             except TimeoutError:
                 pass  # sampled_tokens.carried refuses the step, naming what ran last
