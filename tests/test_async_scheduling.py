@@ -126,11 +126,13 @@ def test_what_the_planned_step_holds_and_when_there_is_none():
     assert scheduler.schedule_ahead(step) is not None  # the waiting queue is empty
 
 
-def test_no_step_ahead_for_penalties_or_without_free_blocks():
+def test_penalties_go_ahead_on_the_history_the_runner_holds_and_no_step_without_free_blocks():
     scheduler = make_scheduler()
     scheduler.add(make_seq("p", 5, repetition_penalty=1.2))
     step = scheduler.schedule()
-    assert scheduler.schedule_ahead(step) is None  # the runner needs the token itself for the history
+    assert step.step_input.sequences[0].context_token_ids == []  # the runner's history starts here
+    ahead = scheduler.schedule_ahead(step).step_input.sequences[0]
+    assert ahead.seq_id == "p" and ahead.context_token_ids is None  # it extends what the runner holds
 
     scheduler = make_scheduler(num_blocks=2, block_size=4, max_model_len=8)
     g, h = make_seq("g", 4, max_tokens=3), make_seq("h", 2, max_tokens=3)
@@ -211,9 +213,6 @@ def test_runner_refuses_a_placeholder_it_cannot_fill():
         servicer._launch(runner, step(step_id=5, continues=4))
     servicer._launch(runner, numbered(make_step([Sequence([5, 6], shuffled_blocks(1), 16, params).chunk()]), 6,
                                       seq_id="s")).result()
-    with pytest.raises(InvalidArgumentError, match="token history"):
-        servicer._launch(runner, _with_history(step(step_id=7, continues=6)))
-    assert servicer.sampled_tokens.step_id == 7 and servicer.sampled_tokens._tokens is None
     prompt = Sequence([5, 6, 7], shuffled_blocks(2), 16, params)
     servicer._launch(runner, numbered(make_step([prompt.chunk()]), 8, seq_id="p")).result()
     prompt.token_ids += [9, 9]
@@ -222,11 +221,6 @@ def test_runner_refuses_a_placeholder_it_cannot_fill():
     with pytest.raises(InvalidArgumentError, match="one query token"):
         servicer._launch(runner, two)
 
-
-def _with_history(step: StepInput) -> StepInput:
-    step.sequences[0].seq_id = "s"
-    step.sequences[0].sampling_params = SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.3)
-    return step
 
 
 def test_a_step_waiting_for_the_one_it_continues_gives_up_when_the_runner_detaches():
@@ -244,3 +238,42 @@ def test_a_step_waiting_for_the_one_it_continues_gives_up_when_the_runner_detach
         return time.perf_counter() - started
 
     assert asyncio.run(run()) < 2  # not the 10 s the wait allows
+
+
+@pytest.mark.parametrize("fill_first", [True, False])
+def test_penalties_see_the_token_the_host_has_not_seen_yet(fill_first):
+    """A repetition penalty needs each step's tokens in the history. With async scheduling the
+    history holds a placeholder for the previous step's token: the sampler reads the device value,
+    and fill() writes it in when that step's result reaches the host, before or after the next
+    step is queued. Both orders give the tokens of plain, synchronous steps."""
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2, 3]  # unpenalized, greedy repeats one token from its third on
+    params = SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.8)
+    tokens = {}
+    for mode in ("sync", "ahead"):
+        runner = tiny_runner()
+        servicer = servicer_for(runner)
+        seq = Sequence(prompt, shuffled_blocks(), 16, params)
+        out, unfilled = [], None
+        for step_id in range(1, 8):
+            step = numbered(make_step([seq.chunk()]), step_id, continues=step_id - 1)
+            step.sequences[0].seq_id = "s"
+            if step_id == 1:
+                step.sequences[0].context_token_ids = []
+            elif mode == "ahead":
+                step.input_ids = [PREVIOUS_TOKEN]
+            launched = servicer._launch(runner, step)
+            if unfilled is not None:  # the previous step's result reaches the host only now
+                servicer.token_histories.fill(*unfilled)
+                unfilled = None
+            token = launched.result().sampled_token_ids[0]
+            if mode == "sync" or fill_first:
+                servicer.token_histories.fill(step, [token])
+            else:
+                unfilled = (step, [token])
+            seq.token_ids.append(token)
+            out.append(token)
+        tokens[mode] = out
+        history = servicer.token_histories._tokens["s"]
+        assert history[:len(prompt) + 6] == (prompt + out)[:len(prompt) + 6]  # every placeholder filled in
+    assert tokens["ahead"] == tokens["sync"]
+    assert all(a != b for a, b in zip(tokens["sync"], tokens["sync"][1:]))  # the penalty at work

@@ -10,11 +10,13 @@ stop_token_ids cannot be drawn.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
+from llmexec.host_to_device import to_device
 from llmexec.sampling_params import SamplingParams
+from llmexec.step import PREVIOUS_TOKEN
 
 
 def apply_penalties(
@@ -22,15 +24,21 @@ def apply_penalties(
     params: list[SamplingParams],
     output_indices: list[int],
     histories: Sequence[list[int] | None],
+    history_tails: Mapping[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """logits [R, V]; histories[r]: every token of row r's sequence so far (prompt then
     outputs; the last output_indices[r] of them are outputs), or None when the row has
-    no penalties. Returns the logits, changed in place."""
+    no penalties. A history ending in PREVIOUS_TOKEN (a token the host has not seen)
+    takes its value from history_tails[r], a one-element tensor on logits' device.
+    Returns the logits, changed in place."""
     vocab_size = logits.shape[1]
     for row, (p, num_outputs, history) in enumerate(zip(params, output_indices, histories)):
         if history is None or not p.needs_token_history:
             continue
-        tokens = torch.tensor(history, dtype=torch.int64, device=logits.device)
+        if history[-1] == PREVIOUS_TOKEN and history_tails and row in history_tails:
+            tokens = torch.cat([to_device(history[:-1], logits.device), history_tails[row].view(1)])
+        else:
+            tokens = to_device(history, logits.device)
         num_prompt = len(history) - num_outputs
         output_counts = torch.bincount(tokens[num_prompt:], minlength=vocab_size)[:vocab_size]
         row_logits = logits[row]

@@ -149,15 +149,16 @@ class ModelRunner:
         """Sample from execute_logits' result and wait for the tokens."""
         return self.launch_sample(step, logits, histories).result()
 
-    def launch_sample(self, step: StepInput, logits: torch.Tensor,
-                      histories: list[list[int] | None] | None = None) -> "LaunchedStep":
+    def launch_sample(self, step: StepInput, logits: torch.Tensor, histories: list[list[int] | None] | None = None,
+                      history_tails: dict[int, torch.Tensor] | None = None) -> "LaunchedStep":
         """Queue the sampling of execute_logits' result; the tokens stay on the device, and
-        their copy to the host is queued (LaunchedStep.result waits for it)."""
+        their copy to the host is queued (LaunchedStep.result waits for it). history_tails:
+        see CarriedTokens.history_tails."""
         sampled = [s for s in step.sequences if s.needs_sample]
         params = [s.sampling_params for s in sampled]
         with torch.inference_mode():
             tokens = sample_on_device(logits, params, [s.output_index for s in sampled], histories,
-                                      step.eos_token_ids)
+                                      step.eos_token_ids, history_tails)
             logprobs: list[TokenLogprobs | None] = [None] * len(params)
             if any(p.logprobs is not None for p in params):  # needs the tokens on the host now
                 logprobs = token_logprobs(logits, tokens.tolist(), params)

@@ -24,12 +24,29 @@ class CarriedTokens:
 
     rows: list[int]
     values: torch.Tensor
+    on_host: bool = False  # write_into put the values into the step's input_ids
 
     def write_into(self, input_ids: list[int]) -> None:
         """Put the tokens into the host's input_ids (waits for the device): for paths that
         need every token on the host, such as the tensor-parallel ranks."""
         for row, token in zip(self.rows, self.values.tolist()):
             input_ids[row] = token
+        self.on_host = True
+
+    def history_tails(self, step: StepInput, histories: list[list[int] | None]) -> dict[int, torch.Tensor]:
+        """Per sampled sequence (by its index among them) whose token history ends in the
+        placeholder for a token carried here: that token, on the device."""
+        carried_at = {row: k for k, row in enumerate(self.rows)}
+        tails, row, sampled = {}, 0, 0
+        for seq in step.sequences:
+            row += seq.query_len
+            if not seq.needs_sample:
+                continue
+            k, history = carried_at.get(row - 1), histories[sampled]
+            if k is not None and history is not None and history[-1] == PREVIOUS_TOKEN:
+                tails[sampled] = self.values[k]
+            sampled += 1
+        return tails
 
 
 class SampledTokens:
@@ -62,11 +79,8 @@ class SampledTokens:
             row += seq.query_len
             if step.input_ids[row - 1] != PREVIOUS_TOKEN:
                 continue
-            if seq.query_len != 1 or seq.seq_id:
-                raise InvalidArgumentError(
-                    f"sequence {i}: a {PREVIOUS_TOKEN} token must be its only query token, and cannot serve a "
-                    "sequence whose sampling needs its token history"
-                )
+            if seq.query_len != 1:
+                raise InvalidArgumentError(f"sequence {i}: a {PREVIOUS_TOKEN} token must be its only query token")
             source = self._rows.get(seq.block_table_id)
             if source is None:
                 raise FailedPreconditionError(

@@ -16,7 +16,7 @@ before any processing), as vLLM returns by default.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -44,6 +44,7 @@ def sample_on_device(
     output_indices: list[int],
     histories: Sequence[list[int] | None] | None = None,
     eos_token_ids: Sequence[int] = (),
+    history_tails: Mapping[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """logits [R, V] float32, one SamplingParams and output index per row -> R token ids (int64,
     on logits' device; on CUDA queued, not waited for).
@@ -59,7 +60,7 @@ def sample_on_device(
     if any(p.needs_token_history or p.min_tokens for p in params):
         logits = logits.clone()
         if histories is not None:
-            apply_penalties(logits, params, output_indices, histories)
+            apply_penalties(logits, params, output_indices, histories, history_tails)
         mask_min_tokens(logits, params, output_indices, eos_token_ids)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]

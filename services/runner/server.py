@@ -231,12 +231,14 @@ class RunnerServicer(runner_pb2_grpc.RunnerServiceServicer):
         async with self._step_lock:
             if self.runner is not runner:  # detached while this step waited: its weights are gone
                 raise UnavailableError("the runner detached from the loader's weights; retry once it serves again")
+            token_histories = self.token_histories
             try:
                 launched = await asyncio.to_thread(self._launch, runner, step)
             finally:
                 async with self._step_started:
                     self._step_started.notify_all()
         output = await asyncio.to_thread(launched.result) if launched.waits else launched.result()
+        token_histories.fill(step, output.sampled_token_ids)  # over the placeholders of steps queued since
         return step_output_to_pb(output, time.perf_counter() - started)
 
     async def _wait_for_step(self, step_id: int) -> None:
@@ -261,7 +263,10 @@ class RunnerServicer(runner_pb2_grpc.RunnerServiceServicer):
             self.block_tables.resolve(step)  # whole tables from the kept ones plus appended_blocks
             carried = self.sampled_tokens.carried(step)
             logits = runner.execute_logits(step, carried)  # validates first
-            launched = runner.launch_sample(step, logits, self.token_histories.update(step))
+            unseen = carried is not None and not carried.on_host  # tokens the host has not seen
+            histories = self.token_histories.update(step, frozenset(carried.rows) if unseen else frozenset())
+            tails = carried.history_tails(step, histories) if unseen else None
+            launched = runner.launch_sample(step, logits, histories, tails)
         except Exception:
             self.sampled_tokens.record(step, None)
             raise

@@ -28,9 +28,9 @@ running step is sampling (PREVIOUS_TOKEN, filled in by the runner). The caller
 sends it at once, so the runner never waits for the scheduler; it then calls
 update() for each step in order. A sequence that the running step finishes has
 computed one token too many, which update() drops. Anything else (admitting a
-waiting prompt, a prompt chunk, preempting, penalties that need the token
-itself) waits for a synchronous schedule() once nothing is in flight, so
-preemption never frees the blocks of a step that is still running.
+waiting prompt, a prompt chunk, preempting) waits for a synchronous schedule()
+once nothing is in flight, so preemption never frees the blocks of a step that
+is still running.
 """
 
 from __future__ import annotations
@@ -257,8 +257,8 @@ class Scheduler:
                 continue
             num_continuing += 1
             params = seq.sampling_params
-            if params.needs_token_history:
-                return None
+            if params.needs_token_history and not seq.runner_has_history:
+                return None  # its history must go with a token the runner has
             if seq.num_output_tokens + 1 >= params.max_tokens or inp.seq_len + 1 >= self.max_model_len:
                 continue  # the running step gives its last token
             ahead[seq] = inp.seq_len

@@ -61,5 +61,8 @@ def ahead_rows(ahead: dict[Sequence, int], block_size: int) -> Rows:
         table = seq.block_table
         slot_mapping.append(table[position // block_size] * block_size + position % block_size)
         # The running step's token comes first: it is output number num_output_tokens.
-        sequences.append(sequence_input(seq, 1, position + 1, True, seq.num_output_tokens + 1))
+        seq_input = sequence_input(seq, 1, position + 1, True, seq.num_output_tokens + 1)
+        if seq.sampling_params.needs_token_history:  # the runner holds it: it extends it with the placeholder
+            seq_input.seq_id = seq.request_id
+        sequences.append(seq_input)
     return [PREVIOUS_TOKEN] * len(ahead), list(ahead.values()), slot_mapping, sequences
