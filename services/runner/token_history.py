@@ -60,6 +60,8 @@ class TokenHistories:
     def fill(self, step: StepInput, sampled_token_ids: list[int]) -> None:
         """step's sampled tokens, now on the host: written over the placeholders that hold
         their place, or kept for the placeholder still to come."""
+        if not self._tokens:  # no sequence with penalties: the usual case, nothing to do
+            return
         with self._lock:
             for seq, token in zip((s for s in step.sequences if s.needs_sample), sampled_token_ids):
                 tokens = self._tokens.get(seq.seq_id) if seq.seq_id else None
