@@ -63,7 +63,7 @@ class LocalServices:
             time.sleep(0.2)
         return address
 
-    def __enter__(self) -> "LocalServices":
+    def __enter__(self) -> LocalServices:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from stack_fixture import start_stack  # noqa: E402
+from stack_fixture import start_stack
 
 
 @pytest.fixture(scope="session")

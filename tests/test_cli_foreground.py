@@ -43,7 +43,7 @@ def test_foreground_up_then_ctrl_c_stops_every_service(tmp_path):
         output = "".join(lines)
         pids = {}
         for name in ("redis", "loader", "runner", "scheduler"):
-            match = re.search(rf"^{name}\s+(\S+)\s+pid (\d+)\s+SERVING", output, re.M)
+            match = re.search(rf"^{name}\s+(\S+)\s+pid (\d+)\s+SERVING", output, re.MULTILINE)
             assert match, output
             pids[name] = int(match.group(2))
         assert all(pid_alive(pid) for pid in pids.values())

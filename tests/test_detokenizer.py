@@ -149,7 +149,7 @@ def smollm2():
 
 
 def test_real_gguf_tokenizer_stream_and_stop(smollm2):
-    decode = lambda ids: smollm2.decode(ids, skip_special_tokens=False)  # noqa: E731
+    decode = lambda ids: smollm2.decode(ids, skip_special_tokens=False)
     chat = smollm2.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
     prompt = smollm2.encode(chat, add_special_tokens=False)
     output = smollm2.encode(TEXT, add_special_tokens=False) + [smollm2.eos_token_id]

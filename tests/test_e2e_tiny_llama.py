@@ -80,17 +80,15 @@ def test_model_info_rpc(tiny_stack, tiny_llama):
     assert json.loads(info.config_json)["num_key_value_heads"] == 2
     assert info.load_format == "safetensors"
     assert not info.has_tokenizer
-    with grpc.insecure_channel(tiny_stack.loader) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            loader_pb2_grpc.LoaderServiceStub(channel).GetModelInfo(loader_pb2.GetModelInfoRequest(model_id="nope"))
+    with grpc.insecure_channel(tiny_stack.loader) as channel, pytest.raises(grpc.RpcError) as err:
+        loader_pb2_grpc.LoaderServiceStub(channel).GetModelInfo(loader_pb2.GetModelInfoRequest(model_id="nope"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_text_prompt_without_tokenizer_is_refused(tiny_stack):
     request = scheduler_pb2.GenerateRequest(prompt="hello")
-    with grpc.insecure_channel(tiny_stack.scheduler) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            list(scheduler_pb2_grpc.SchedulerServiceStub(channel).Generate(request))
+    with grpc.insecure_channel(tiny_stack.scheduler) as channel, pytest.raises(grpc.RpcError) as err:
+        list(scheduler_pb2_grpc.SchedulerServiceStub(channel).Generate(request))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt_token_ids" in err.value.details()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -39,7 +39,7 @@ LLAMA3_ROPE = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def hf_model(variant: str = "llama"):
     torch.manual_seed(0)
     if variant == "mistral":

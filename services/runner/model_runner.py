@@ -150,7 +150,7 @@ class ModelRunner:
         return self.launch_sample(step, logits, histories).result()
 
     def launch_sample(self, step: StepInput, logits: torch.Tensor, histories: list[list[int] | None] | None = None,
-                      history_tails: dict[int, torch.Tensor] | None = None) -> "LaunchedStep":
+                      history_tails: dict[int, torch.Tensor] | None = None) -> LaunchedStep:
         """Queue the sampling of execute_logits' result; the tokens stay on the device, and
         their copy to the host is queued (LaunchedStep.result waits for it). history_tails:
         see CarriedTokens.history_tails."""

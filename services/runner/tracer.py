@@ -67,7 +67,7 @@ class ModuleTracer:
         self._stack: list[tuple[CallRecord, float, float]] = []  # (record, start, children seconds)
         self._handles = []
 
-    def __enter__(self) -> "ModuleTracer":
+    def __enter__(self) -> ModuleTracer:
         for name, module in self.model.named_modules():
             self._handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post, with_kwargs=True))

@@ -34,14 +34,14 @@ class StreamChunk:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
 
-    def followed_by(self, later: "StreamChunk") -> "StreamChunk":
+    def followed_by(self, later: StreamChunk) -> StreamChunk:
         """One chunk holding this one and a later one of the same completion (a new
         object: a chunk may sit on several subscribers' queues)."""
         merged = replace(self, token_ids=list(self.token_ids), logprobs=list(self.logprobs))
         merged.absorb(later)
         return merged
 
-    def absorb(self, later: "StreamChunk") -> None:
+    def absorb(self, later: StreamChunk) -> None:
         """Append a later chunk of the same completion in place (only for a chunk no
         subscriber holds yet); its finish fields, if any, win."""
         self.token_ids.extend(later.token_ids)
@@ -74,7 +74,7 @@ class Completion:
         return chunk
 
     @classmethod
-    def start(cls, seq: Sequence, tokenizer: Tokenizer | None) -> "Completion":
+    def start(cls, seq: Sequence, tokenizer: Tokenizer | None) -> Completion:
         """For seq as it is; its stored output tokens, if any, are replayed through the detokenizer."""
         detok = None
         if tokenizer is not None:

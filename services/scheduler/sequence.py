@@ -132,7 +132,7 @@ class Sequence:
         }
 
     @classmethod
-    def from_record(cls, record: dict) -> "Sequence":
+    def from_record(cls, record: dict) -> Sequence:
         return cls(
             request_id=str(record["request_id"]),
             prompt_token_ids=[int(t) for t in record["prompt_token_ids"]],

@@ -78,7 +78,7 @@ class EmbeddedRedis:
         assert self.data_dir is not None
         return self.data_dir / "redis.log"
 
-    def start(self, wait: bool = True, timeout_s: float = 10.0) -> "EmbeddedRedis":
+    def start(self, wait: bool = True, timeout_s: float = 10.0) -> EmbeddedRedis:
         if self.process is not None:
             return self
         if self.data_dir is None:
@@ -125,7 +125,7 @@ class EmbeddedRedis:
         except OSError:
             return False
 
-    def __enter__(self) -> "EmbeddedRedis":
+    def __enter__(self) -> EmbeddedRedis:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -77,7 +77,7 @@ class SamplingParams:
         """Whether sampling looks at the tokens seen so far (the penalties do)."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
-    def for_completion(self, index: int) -> "SamplingParams":
+    def for_completion(self, index: int) -> SamplingParams:
         """The params of completion `index` of n: a seed of its own, so the n
         completions differ yet each stays reproducible."""
         if index == 0 or self.seed is None:
@@ -92,9 +92,9 @@ class SamplingParams:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SamplingParams":
+    def from_dict(cls, data: dict) -> SamplingParams:
         defaults = cls()
-        get = lambda name: data.get(name, getattr(defaults, name))  # noqa: E731
+        get = lambda name: data.get(name, getattr(defaults, name))
         return cls(
             temperature=float(get("temperature")),
             top_p=float(get("top_p")),

@@ -87,7 +87,7 @@ class TokenLogprobs:
                 "tl": self.top_logprobs}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TokenLogprobs":
+    def from_dict(cls, data: dict) -> TokenLogprobs:
         return cls(int(data["t"]), float(data["l"]), int(data["r"]), [int(t) for t in data["ti"]],
                    [float(x) for x in data["tl"]])
 

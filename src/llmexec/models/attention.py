@@ -48,7 +48,7 @@ class AttentionMetadata:
     @classmethod
     def build(
         cls, step: StepInput, block_size: int, device: torch.device | str, reference_fields: bool | None = None
-    ) -> "AttentionMetadata":
+    ) -> AttentionMetadata:
         """Make the step's tensors on `device`. Assumes the step was validated.
 
         On CUDA (the Triton kernels) the fields only the torch reference reads, decode_key_mask and
