@@ -68,7 +68,7 @@ class DecodeGraphs:
         self.capture_seconds = 0.0
         # Recorded after each step's copy out of the pinned host buffer: the next step waits on
         # it before writing there (with async scheduling the host runs a step ahead of the GPU).
-        self._copied: torch.cuda.Event | None = None
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
     def capture(self) -> None:
         """Warm up and capture every size, largest first so smaller ones reuse its memory pool."""
@@ -105,7 +105,7 @@ class DecodeGraphs:
         num_seqs = len(step.sequences)
         size = next(s for s in self.sizes if s >= num_seqs)
         if self._copied is not None:
-            self._copied.synchronize()
+            self._copied.synchronize()  # returns at once before the first record
         self.host_ids[:num_seqs] = step.input_ids
         self.host_positions[:num_seqs] = step.positions
         self.host_slots[:num_seqs] = step.slot_mapping
@@ -122,8 +122,7 @@ class DecodeGraphs:
         header, rows = self.header_len, size * self.width
         self.buffer[:header].copy_(self.host[:header], non_blocking=True)
         self.buffer[header : header + rows].copy_(self.host[header : header + rows], non_blocking=True)
-        if self.device.type == "cuda":
-            self._copied = torch.cuda.Event()
+        if self._copied is not None:
             self._copied.record()
         if carried is not None:  # decode: row i of the inputs is sequence i
             num_carried = len(carried.rows)

@@ -36,6 +36,8 @@ class CarriedTokens:
     def history_tails(self, step: StepInput, histories: list[list[int] | None]) -> dict[int, torch.Tensor]:
         """Per sampled sequence (by its index among them) whose token history ends in the
         placeholder for a token carried here: that token, on the device."""
+        if not any(histories):  # no sequence with penalties: the usual case
+            return {}
         carried_at = {row: k for k, row in enumerate(self.rows)}
         tails, row, sampled = {}, 0, 0
         for seq in step.sequences:
