@@ -37,8 +37,8 @@ from llmexec.scheduler.state_store import SequenceStore
 from llmexec.v1 import sampling_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 NUM_STREAMS = 20
-MAX_TOKENS = 80
-STACK_ARGS = ("--block-size", "4", "--num-blocks", "1024", "--max-num-seqs", "32")
+MAX_TOKENS = 200  # long enough that no stream ends before the kill, whatever the start skew (async scheduling is fast)
+STACK_ARGS = ("--block-size", "4", "--num-blocks", "2048", "--max-num-seqs", "32")
 
 
 @pytest.fixture(scope="module")
