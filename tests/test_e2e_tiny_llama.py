@@ -67,7 +67,8 @@ def test_concurrent_greedy_token_ids_equal_transformers(tiny_stack, tiny_llama):
         info = scheduler_pb2_grpc.SchedulerServiceStub(channel).GetServerInfo(scheduler_pb2.GetServerInfoRequest())
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{info.metrics_port}/metrics", timeout=10).read().decode()
     planned_ahead = [line for line in metrics.splitlines() if line.startswith("llmexec:steps_planned_ahead_total")]
-    assert planned_ahead and float(planned_ahead[0].split()[-1]) >= NEW_TOKENS - 2
+    # Each request arriving mid-run costs one synchronous step (it is admitted); most steps go ahead.
+    assert planned_ahead and float(planned_ahead[0].split()[-1]) >= NEW_TOKENS // 2
 
 
 def test_model_info_rpc(tiny_stack, tiny_llama):
